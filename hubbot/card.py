@@ -1,0 +1,74 @@
+"""card: the repo's README.md, rendered from jinja2 templates under ``templates/``.
+
+The YAML metadata is produced by huggingface_hub's ``ModelCardData`` (never templated by hand),
+the body by the format's template, which includes the shared provenance and validation parts.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from huggingface_hub import ModelCard, ModelCardData
+
+DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+def templates_dir() -> Path:
+    return Path(os.environ.get("HUBBOT_TEMPLATES_DIR", DEFAULT_TEMPLATES_DIR))
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def card_metadata(snapshot, backend, extra_tags: list[str] = ()) -> ModelCardData:
+    model_type = snapshot.config.get("model_type")
+    tags = [*backend.tags, *([model_type] if model_type else []), "quantized", "hubbot", *extra_tags]
+    data: dict[str, Any] = {
+        "license": snapshot.license or "other",
+        "library_name": backend.library_name,
+        "pipeline_tag": "text-generation",
+        "tags": list(dict.fromkeys(tags)),
+    }
+    if snapshot.base_model:
+        data.update(base_model=snapshot.base_model, base_model_relation="quantized")
+    language = snapshot.card_data.get("language")
+    if language:
+        data["language"] = language
+    return ModelCardData(**data)
+
+
+def recommended(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The smallest variant that passed and agrees with the source on ≥ 95% of tokens."""
+    good = [r for r in rows if r["passed"] and (r["agreement"] or 0) >= 0.95]
+    return min(good, key=lambda r: r["bytes"]) if good else None
+
+
+def render_card(*, repo_id: str, plan, repo, snapshot, backend, rows: list[dict[str, Any]],
+                reference: list[dict[str, Any]], tool_versions: dict[str, str], hubbot_version: str) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters["size"] = human_size
+    metadata = card_metadata(snapshot, backend)
+    body = env.get_template(backend.template).render(
+        repo_id=repo_id, model_name=snapshot.ref.model_name, base_model=snapshot.base_model,
+        source=snapshot.ref.public_name, commit=snapshot.commit, license=metadata.license,
+        family=plan.source.family, recipe=plan.recipe, recipe_hash=plan.recipe_hash(repo),
+        rows=rows, recommended=recommended(rows), reference=reference, tools=tool_versions,
+        hubbot_version=hubbot_version, built_at=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        parameters=plan.parameters,
+    )
+    content = f"---\n{metadata.to_yaml()}\n---\n\n{body}"
+    ModelCard(content)  # parses the metadata back; raises if it is not valid card YAML
+    return content

@@ -1,0 +1,71 @@
+"""Output helpers shared by every command: progress on stderr, tables, errors, secret redaction."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import HubbotError
+
+# Logs and CI capture are no terminal: give tables room instead of rich's default 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 160
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
+out_console = Console(highlight=False, soft_wrap=True, width=_WIDTH)
+_started = time.monotonic()
+
+
+def _secrets() -> list[str]:
+    found = [os.environ.get(k, "") for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")]
+    try:
+        from huggingface_hub import get_token
+
+        found.append(get_token() or "")
+    except Exception:  # noqa: BLE001 - redaction must never fail
+        pass
+    return [s for s in found if len(s) >= 8]
+
+
+def redact(text: str) -> str:
+    """Remove the Hub token from anything about to be shown."""
+    for secret in _secrets():
+        text = text.replace(secret, "***")
+    return text
+
+
+def progress(message: str) -> None:
+    """One timestamped progress line on stderr (stdout stays clean for --json)."""
+    err_console.print(f"{time.monotonic() - _started:7.1f}s {redact(message)}", markup=False)
+
+
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], console: Console = out_console) -> None:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for row in rows:
+        t.add_row(*(redact(str(c)) for c in row))
+    console.print(t)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn HubbotError into one red line and its exit code; never a traceback with secrets."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HubbotError as e:
+            err_console.print(f"[bold red]Error:[/bold red] {redact(str(e))}", markup=True, highlight=False)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+def echo(text: str) -> None:
+    click.echo(redact(text))

@@ -1,0 +1,38 @@
+"""hubbot plan: what a publish would build, without building anything."""
+
+from __future__ import annotations
+
+import click
+
+from ..card import human_size
+from ..plan import count_parameters, make_plan
+from ..source import resolve
+from ._output import echo, handle_errors, table
+
+
+@click.command()
+@click.argument("source")
+@click.option("--recipe", "-r", "recipe_name", help="Named recipe; default: the family's default recipe.")
+@click.option("--family", help="Family to use when SOURCE does not tell (e.g. a Hub id outside its patterns).")
+@click.option("--namespace", default="{namespace}", show_default=True, help="Hub namespace for the repo ids shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
+@click.pass_obj
+@handle_errors
+def plan(obj, source: str, recipe_name: str | None, family: str | None, namespace: str, as_json: bool) -> None:
+    """Show the repos and variants SOURCE × RECIPE would produce, with estimated sizes.
+
+    SOURCE is a family alias (phi-4), a Hub repo id (microsoft/phi-4[@revision]) or a local folder.
+    Nothing is downloaded: sizes are estimated from a local folder's safetensors headers.
+    """
+    families = obj.families()
+    ref = resolve(source, families, family)
+    recipe = ref.family.recipe(recipe_name or ref.family.default_recipe)
+    the_plan = make_plan(ref, recipe, count_parameters(ref.path) if ref.is_local else None)
+    if as_json:
+        echo(the_plan.to_json(namespace))
+        return
+    for repo in the_plan.repos:
+        table(f"{repo.repo_id(namespace)}  ({repo.format}, recipe '{recipe.name}', hash {the_plan.recipe_hash(repo)})",
+              ["variant", "path in repo", "precision", "target", "min agreement", "est. size"],
+              [(v.id, v.path, f"{v.native} ({v.precision_class})", v.target, f"{v.min_agreement:.2f}",
+                human_size(the_plan.estimated_bytes(v)) if the_plan.parameters else "?") for v in repo.variants])

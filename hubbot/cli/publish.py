@@ -1,0 +1,61 @@
+"""hubbot publish: build, validate and publish one source with one recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import ValidationFailed
+from ..pipeline import Publisher, prepare, select
+from ..publish import FolderTarget, HubTarget, make_api, resolve_namespace
+from ._output import handle_errors, progress, table
+
+
+@click.command()
+@click.argument("source")
+@click.option("--recipe", "-r", "recipe_name", help="Named recipe; default: the family's default recipe.")
+@click.option("--family", help="Family to use when SOURCE does not tell.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write each repo as a folder DIR/<repo name> instead of pushing (no Hub, no token).")
+@click.option("--namespace", help="Hub user or org to publish under. Default: the token's user ('local' with --out).")
+@click.option("--endpoint", envvar="HF_ENDPOINT", help="Hub endpoint. Default: HF_ENDPOINT or https://huggingface.co.")
+@click.option("--pr", "create_pr", is_flag=True, help="Open a pull request instead of pushing to main when the repo exists.")
+@click.option("--force", is_flag=True, help="Rebuild and publish even when the repo's hubbot.json says it is up to date.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where intermediate files go (default: the system temp folder); needs room for one F16 copy.")
+@click.pass_obj
+@handle_errors
+def publish(obj, source: str, recipe_name: str | None, family: str | None, out_dir: Path | None,
+            namespace: str | None, endpoint: str | None, create_pr: bool, force: bool, workdir: Path | None) -> None:
+    """Build every variant of SOURCE's RECIPE, validate it against the source, and publish.
+
+    SOURCE is a family alias (phi-4), a Hub repo id (microsoft/phi-4[@revision]) or a local folder.
+    Each target repo gets ONE commit holding every file, its README.md card, validation.json and
+    hubbot.json; a repo with a failing variant is not published at all. The Hub token comes from
+    HF_TOKEN or `hf auth login` and is never printed.
+
+    Exit codes: 0 published or up to date, 1 validation or publish failed, 2 bad input,
+    3 a format's extra is not installed.
+    """
+    ref, recipe = select(source, recipe_name, obj.families(), family)
+    if workdir:
+        workdir.mkdir(parents=True, exist_ok=True)
+    api = make_api(endpoint)
+    if out_dir:
+        target = FolderTarget(out_dir, namespace or "local")
+    else:
+        target = HubTarget(api, resolve_namespace(api, namespace), create_pr=create_pr, log=progress)
+    the_plan, snapshot = prepare(ref, recipe, api)
+    progress(f"source {snapshot.ref.display} at {snapshot.commit}; recipe '{the_plan.recipe.name}': "
+             f"{len(the_plan.variants)} variants in {len(the_plan.repos)} repo(s)")
+    outcomes = Publisher(target, log=progress, force=force, workdir=workdir).run(the_plan, snapshot)
+    table("validation", ["repo", "variant", "agreement", "threshold", "result"],
+          [(o.repo_id, r.variant_id, "—" if r.agreement is None else f"{r.agreement:.3f}", f"{r.threshold:.2f}",
+            "passed" if r.passed else "FAILED: " + "; ".join(r.reasons)) for o in outcomes for r in o.reports])
+    table("repos", ["repo", "status", "where", "files", "bytes"],
+          [(o.repo_id, o.status, (o.push.pr_url or o.push.url) if o.push else o.message,
+            o.push.files if o.push else "", o.push.bytes if o.push else "") for o in outcomes])
+    failed = [o.repo_id for o in outcomes if o.status == "failed"]
+    if failed:
+        raise ValidationFailed(f"not published: {', '.join(failed)}")

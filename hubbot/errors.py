@@ -1,0 +1,49 @@
+"""Errors the CLI turns into one clear line and an exit code."""
+
+from __future__ import annotations
+
+
+class HubbotError(Exception):
+    """Something went wrong that the user can act on; the message says what."""
+
+    exit_code = 1
+
+
+class UsageError(HubbotError):
+    """Bad input: a malformed recipe, an unknown source, a wrong option. Nothing was built."""
+
+    exit_code = 2
+
+
+class RecipeError(UsageError):
+    """A recipe file is malformed: names the file, the key path and what is allowed."""
+
+    def __init__(self, path: object, key_path: str, message: str):
+        self.path = str(path)
+        self.key_path = key_path
+        where = f"{self.path}: {key_path}" if key_path else self.path
+        super().__init__(f"{where}: {message}")
+
+
+class MissingExtraError(HubbotError):
+    """A format's toolchain is not installed."""
+
+    exit_code = 3
+
+    def __init__(self, fmt: str, extra: str, missing: str):
+        super().__init__(
+            f"the {fmt} backend needs '{missing}', which is not installed: "
+            f"pip install 'hubbot[{extra}]'"
+        )
+
+
+class BuildError(HubbotError):
+    """A format tool failed or produced something that does not check out."""
+
+
+class ValidationFailed(HubbotError):
+    """At least one variant failed validation; nothing of its repo was published."""
+
+
+class PublishError(HubbotError):
+    """The Hub refused or failed the push; the repo was left as it was."""

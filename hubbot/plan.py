@@ -1,0 +1,143 @@
+"""plan: which repos and variants a source × recipe produces, before anything is built."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .backends import get_backend
+from .errors import RecipeError
+from .recipe import Family, Recipe, VariantSpec, stable_hash
+from .source import SourceRef
+
+
+@dataclass(frozen=True)
+class Variant:
+    id: str  # unique within a plan, e.g. "gguf-Q4_K_M"
+    format: str
+    precision: str  # as written in the recipe
+    native: str  # the format's own name, e.g. Q4_K_M
+    precision_class: str  # int4, int8, fp16 …
+    target: str
+    options: dict[str, Any]
+    path: str  # file or folder inside the repo
+    min_agreement: float
+    bits_per_weight: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RepoPlan:
+    name: str  # repo name without namespace
+    format: str
+    variants: list[Variant] = field(default_factory=list)
+
+    def repo_id(self, namespace: str) -> str:
+        return f"{namespace}/{self.name}"
+
+
+@dataclass
+class Plan:
+    source: SourceRef
+    recipe: Recipe
+    repos: list[RepoPlan]
+    parameters: int | None = None  # for size estimates
+
+    @property
+    def variants(self) -> list[Variant]:
+        return [v for r in self.repos for v in r.variants]
+
+    def repo_key(self, repo: RepoPlan) -> dict[str, Any]:
+        """What a repo's content depends on, besides the source commit and tool versions."""
+        fam = self.source.family
+        return {
+            "hubbot": __version__,
+            "family": fam.name,
+            "recipe": self.recipe.name,
+            "variants": [v.to_dict() for v in repo.variants],
+            "validation": stable_hash(asdict(fam.validation)),
+        }
+
+    def recipe_hash(self, repo: RepoPlan) -> str:
+        return stable_hash(self.repo_key(repo))[:16]
+
+    def estimated_bytes(self, variant: Variant) -> int | None:
+        if not self.parameters:
+            return None
+        return int(self.parameters * variant.bits_per_weight / 8)
+
+    def to_json(self, namespace: str) -> str:
+        return json.dumps({
+            "source": self.source.display,
+            "family": self.source.family.name,
+            "recipe": self.recipe.name,
+            "repos": [{
+                "repo_id": r.repo_id(namespace), "format": r.format, "recipe_hash": self.recipe_hash(r),
+                "variants": [{**v.to_dict(), "estimated_bytes": self.estimated_bytes(v)} for v in r.variants],
+            } for r in self.repos],
+        }, indent=2)
+
+
+def _naming(family: Family, fmt: str) -> dict[str, str]:
+    default = get_backend(fmt).naming
+    return {"repo": default.repo, "path": default.path, **family.naming.get(fmt, {})}
+
+
+def make_variant(spec: VariantSpec, family: Family, model_name: str) -> tuple[str, Variant]:
+    backend = get_backend(spec.format)
+    native = backend.native_type(spec.precision)
+    slug = backend.slug(native.name, spec.target, spec.options)
+    fields = {"model": model_name, "quant": native.name, "precision": native.precision_class,
+              "target": spec.target, "format": spec.format, "variant": slug}
+    naming = _naming(family, spec.format)
+    threshold = spec.min_agreement
+    if threshold is None:
+        threshold = family.validation.threshold(native.name, native.precision_class)
+    variant = Variant(
+        id=f"{spec.format}-{slug}", format=spec.format, precision=spec.precision, native=native.name,
+        precision_class=native.precision_class, target=spec.target, options=dict(spec.options),
+        path=naming["path"].format(**fields), min_agreement=float(threshold),
+        bits_per_weight=native.bits_per_weight,
+    )
+    return naming["repo"].format(**fields), variant
+
+
+def make_plan(source: SourceRef, recipe: Recipe, parameters: int | None = None) -> Plan:
+    repos: dict[str, RepoPlan] = {}
+    seen: set[str] = set()
+    for spec in recipe.variants:
+        repo_name, variant = make_variant(spec, source.family, source.model_name)
+        if variant.id in seen:
+            continue  # the same variant named twice (e.g. int4 and Q4_K_M) is built once
+        seen.add(variant.id)
+        repo = repos.setdefault(repo_name, RepoPlan(repo_name, spec.format))
+        if repo.format != spec.format or any(v.path == variant.path for v in repo.variants):
+            raise RecipeError(source.family.path, f"naming.{spec.format}",
+                              f"variants {variant.id} and {repo.variants[0].id} both land at "
+                              f"{repo_name}/{variant.path}; make the templates tell them apart")
+        repo.variants.append(variant)
+    return Plan(source, recipe, list(repos.values()), parameters)
+
+
+def count_parameters(model_dir: Path) -> int | None:
+    """Parameter count from safetensors headers (no tensor data is read)."""
+    import struct
+
+    total = 0
+    files = list(Path(model_dir).glob("*.safetensors"))
+    for f in files:
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in meta["shape"]:
+                    count *= d
+                total += count
+    return total or None

@@ -1,0 +1,173 @@
+"""SOURCE: a family alias, a Hub repo id (``owner/name[@revision]``) or a local folder.
+
+Resolving is offline (``resolve``); ``fetch`` pins a Hub source to a commit SHA and downloads
+only what the backends read (safetensors weights, configs, tokenizer files, the model card).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .recipe import Family
+
+SNAPSHOT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model",
+                     "*.jinja", "*.txt", "*.py", "README.md", "LICENSE*"]
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    spec: str  # what the user typed
+    family: Family
+    model_name: str  # the name variants are named after, e.g. "phi-4"
+    repo_id: str | None = None  # Hub sources
+    revision: str | None = None
+    path: Path | None = None  # local sources
+    license: str | None = None  # from the recipe, when the source card has none
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None
+
+    @property
+    def display(self) -> str:
+        return str(self.path) if self.is_local else f"{self.repo_id}@{self.revision or 'main'}"
+
+    @property
+    def public_name(self) -> str:
+        """How published files name the source: never a local path."""
+        return self.path.name if self.is_local else f"{self.repo_id}@{self.revision or 'main'}"
+
+
+@dataclass
+class Snapshot:
+    ref: SourceRef
+    path: Path
+    commit: str  # Hub commit SHA, or "local:<sha256 of the files>"
+    config: dict[str, Any]
+    license: str | None
+    card_data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.ref.repo_id
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or ["?"])[0]
+
+
+def resolve(spec: str, families: dict[str, Family], family: str | None = None) -> SourceRef:
+    """Turn SOURCE into a SourceRef without touching the network."""
+    candidates = [families[family]] if family else list(families.values())
+    if family and family not in families:
+        raise UsageError(f"unknown family '{family}'; known: {', '.join(families)}")
+    for fam in candidates:
+        if spec in fam.models:
+            m = fam.models[spec]
+            return SourceRef(spec, fam, m.repo.split("/")[1], repo_id=m.repo, license=m.license)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local_ref(spec, path, candidates)
+    repo_id, _, revision = spec.partition("@")
+    if REPO_ID.match(repo_id) and not spec.startswith((".", "/", "~")):
+        fam = next((f for f in candidates if f.matches_repo(repo_id)), None)
+        if fam is None and len(candidates) == 1:
+            fam = candidates[0]
+        if fam is None:
+            raise UsageError(f"'{repo_id}' matches no family's models or watch patterns; "
+                             f"pass --family ({', '.join(families)})")
+        m = fam.model_for_repo(repo_id)
+        return SourceRef(spec, fam, repo_id.split("/")[1], repo_id=repo_id,
+                         revision=revision or None, license=m.license if m else None)
+    aliases = sorted(a for f in candidates for a in f.models)
+    raise UsageError(f"source '{spec}' is not a family alias ({', '.join(aliases)}), "
+                     f"a Hub repo id (owner/name[@revision]) or an existing folder")
+
+
+def _local_ref(spec: str, path: Path, candidates: list[Family]) -> SourceRef:
+    if not path.is_dir():
+        raise UsageError(f"source '{spec}' is a file; give the model's folder")
+    config = read_config(path)
+    arch = (config.get("architectures") or [None])[0]
+    fam = next((f for f in candidates if arch in f.architectures), None)
+    if fam is None:
+        known = sorted({a for f in candidates for a in f.architectures})
+        raise UsageError(f"{path / 'config.json'}: architecture {arch!r} belongs to no family "
+                         f"(known: {', '.join(known)}); pass --family or add it to a recipe")
+    return SourceRef(spec, fam, path.resolve().name, path=path.resolve())
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"{path}: no config.json; is this a Hugging Face model folder?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{config_path}: must be a JSON object")
+    return config
+
+
+def check_model_folder(path: Path) -> None:
+    """The files every backend needs: config, safetensors weights, a tokenizer."""
+    read_config(path)
+    if not list(path.glob("*.safetensors")):
+        raise UsageError(f"{path}: no *.safetensors weights (other weight formats are not read)")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise UsageError(f"{path}: no tokenizer (tokenizer.json or tokenizer.model)")
+
+
+def _folder_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _card_data(path: Path) -> dict[str, Any]:
+    readme = path / "README.md"
+    if not readme.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(readme).data.to_dict()
+    except Exception:  # a source card with broken YAML still converts; it just has no metadata
+        return {}
+
+
+def fetch(ref: SourceRef, api: Any = None, cache_dir: Path | None = None) -> Snapshot:
+    """Pin and download a Hub source, or read a local one."""
+    if ref.is_local:
+        path, commit = ref.path, "local:" + _folder_digest(ref.path)[:16]
+    else:
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+        try:
+            info = api.model_info(ref.repo_id, revision=ref.revision)
+            commit = info.sha
+            path = Path(api.snapshot_download(ref.repo_id, revision=commit, allow_patterns=SNAPSHOT_PATTERNS,
+                                              cache_dir=cache_dir))
+        except RepositoryNotFoundError:
+            raise UsageError(f"source repo '{ref.repo_id}' not found on {api.endpoint} "
+                             f"(or it is private/gated and the token cannot read it)") from None
+        except RevisionNotFoundError:
+            raise UsageError(f"source '{ref.repo_id}' has no revision '{ref.revision}'") from None
+        except HfHubHTTPError as e:
+            raise UsageError(f"cannot read source '{ref.repo_id}': {e}") from None
+    check_model_folder(path)
+    card = _card_data(path)
+    license_ = card.get("license") or ref.license
+    return Snapshot(ref, path, commit, read_config(path), license_, card)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up (or update) .venv with hubbot, its GGUF toolchain and the test tools, CPU-only.
+# torch goes in first and constraints.txt pins it, so pip never pulls a multi-GB CUDA build.
+# llama-cpp-python has no wheel on PyPI: the first install compiles llama.cpp (~8 min on 2 cores);
+# pip caches the wheel, so later runs take seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+EXTRAS=${HUBBOT_EXTRAS:-gguf,test}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+fi
+pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt "$@"; }
+pip_install torch==2.13.0
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} pip_install -e ".[${EXTRAS}]"
+.venv/bin/hubbot --version
