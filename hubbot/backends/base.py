@@ -9,6 +9,7 @@ precision table, default repo naming, options, tool versions — lives in the ba
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +49,8 @@ class Runtime(Protocol):
     def top1(self, ids: Sequence[int]) -> list[int]:
         """Greedy next-token prediction at every position of ``ids`` (one forward pass)."""
 
-    def generate(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation of ``ids``; stops early at an end-of-generation token."""
+    def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation of ``ids``; stops after emitting a token in ``stop_ids``."""
 
     def close(self) -> None: ...
 
@@ -121,15 +122,13 @@ class Backend(ABC):
         """Load the variant in its runtime, or None when this machine cannot run its target."""
 
 
-_REGISTRY = {
-    "gguf": "hubbot.backends.gguf:GGUFBackend",
-}
-
-
 def formats() -> list[str]:
-    return list(_REGISTRY)
+    """Every format with a module here: hubbot/backends/<format>.py defining BACKEND."""
+    package = Path(__file__).parent
+    return sorted(m.name for m in pkgutil.iter_modules([str(package)]) if m.name not in ("base", "__init__"))
 
 
 def get_backend(fmt: str) -> Backend:
-    module_name, class_name = _REGISTRY[fmt].split(":")
-    return getattr(importlib.import_module(module_name), class_name)()
+    if fmt not in formats():
+        raise KeyError(fmt)
+    return importlib.import_module(f"{__package__}.{fmt}").BACKEND()

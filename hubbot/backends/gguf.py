@@ -159,6 +159,9 @@ class GGUFBackend(Backend):
         return LlamaCppRuntime(repo_dir / variant.path)
 
 
+BACKEND = GGUFBackend
+
+
 def _source_dtype(config: dict) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
