@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,8 @@ def fetch(ref: SourceRef, api: Any = None, cache_dir: Path | None = None) -> Sna
         try:
             info = api.model_info(ref.repo_id, revision=ref.revision)
             commit = info.sha
+            # HF_HUB_CACHE is read when huggingface_hub is imported; honour a later change too
+            cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")
             path = Path(api.snapshot_download(ref.repo_id, revision=commit, allow_patterns=SNAPSHOT_PATTERNS,
                                               cache_dir=cache_dir))
         except RepositoryNotFoundError:

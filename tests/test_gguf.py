@@ -1,0 +1,87 @@
+"""The GGUF backend on the bundled example: llama.cpp's converter and quantizer, the metadata
+read back with the gguf package, and validation in llama-cpp-python against transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFReader
+from huggingface_hub import ModelCard
+
+from hubbot.cli import main
+
+THRESHOLDS = {"Q4_K_M": 0.85, "Q8_0": 0.98, "F16": 0.99}
+
+
+@pytest.fixture(scope="module")
+def preview(tiny_phi3, tmp_path_factory) -> Path:
+    """`hubbot publish ./examples/tiny-phi3 --recipe edge --out DIR`, the README's main job."""
+    out = tmp_path_factory.mktemp("preview")
+    result = CliRunner().invoke(main, ["publish", str(tiny_phi3), "--recipe", "edge", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out / f"{tiny_phi3.name}-GGUF"
+
+
+def _field(reader: GGUFReader, key: str):
+    return reader.fields[key].contents()
+
+
+def test_repo_folder_has_every_file(preview, tiny_phi3):
+    name = tiny_phi3.name
+    assert {p.name for p in preview.iterdir()} == {
+        f"{name}-Q4_K_M.gguf", f"{name}-Q8_0.gguf", f"{name}-F16.gguf", "README.md", "validation.json", "hubbot.json"}
+
+
+@pytest.mark.parametrize("quant, main_type", [("Q4_K_M", "Q4_K"), ("Q8_0", "Q8_0"), ("F16", "F16")])
+def test_gguf_metadata(preview, tiny_phi3, quant, main_type):
+    reader = GGUFReader(str(preview / f"{tiny_phi3.name}-{quant}.gguf"))
+    assert _field(reader, "general.architecture") == "phi3"
+    assert _field(reader, "general.name") == tiny_phi3.name
+    assert _field(reader, "general.license") == "mit"
+    assert _field(reader, "tokenizer.chat_template") == (tiny_phi3 / "chat_template.jinja").read_text()
+    types = {t.tensor_type.name for t in reader.tensors}
+    assert main_type in types
+    if quant != "F16":
+        assert "F16" not in types  # really quantized, not a renamed F16 file
+
+
+def test_every_variant_passed_validation(preview):
+    report = json.loads((preview / "validation.json").read_text())
+    by_id = {v["variant_id"]: v for v in report["variants"]}
+    assert set(by_id) == {"gguf-Q4_K_M", "gguf-Q8_0", "gguf-F16"}
+    for vid, v in by_id.items():
+        quant = vid.removeprefix("gguf-")
+        assert v["passed"] and v["executed"], v["reasons"]
+        assert v["agreement"] >= THRESHOLDS[quant]
+        assert all(p["tokens_match"] for p in v["prompts"])
+        assert len(v["prompts"]) == 6
+    assert by_id["gguf-F16"]["agreement"] == 1.0
+    # the reference is meaningful: the source model answers the prompts correctly
+    reference = {p["name"]: p["continuation"] for p in report["reference"]}
+    assert reference["count"].lstrip().startswith("6, 7, 8")
+    assert reference["days"].lstrip().startswith("Thursday, Friday")
+
+
+def test_card_metadata_and_tables(preview, tiny_phi3):
+    card = ModelCard.load(preview / "README.md")
+    assert card.data.library_name == "gguf"
+    assert card.data.license == "mit"
+    assert card.data.pipeline_tag == "text-generation"
+    assert {"gguf", "phi3", "quantized", "hubbot"} <= set(card.data.tags)
+    manifest = json.loads((preview / "hubbot.json").read_text())
+    for quant in THRESHOLDS:
+        assert f"`{tiny_phi3.name}-{quant}.gguf`" in card.text
+    assert manifest["recipe"]["hash"] in card.text
+    assert "llama-cli --hf-repo local/" in card.text
+    assert "## Validation" in card.text and "## Provenance" in card.text
+
+
+def test_rerun_to_same_folder_is_up_to_date(preview, tiny_phi3):
+    before = {p.name: p.stat().st_mtime_ns for p in preview.iterdir()}
+    result = CliRunner().invoke(main, ["publish", str(tiny_phi3), "--recipe", "edge", "--out", str(preview.parent)])
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in preview.iterdir()} == before

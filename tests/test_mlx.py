@@ -1,0 +1,235 @@
+"""The MLX backend on the bundled example: mlx-lm's converter in a subprocess, config.json and the
+safetensors read back, validation in MLX (Linux CPU backend) against transformers, the card,
+and one commit per repo on the local Hub."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from huggingface_hub import ModelCard
+
+from hubbot.backends.mlx import mlx_config, rope_note
+from hubbot.cli import main
+from tests.conftest import ROOT, USER
+
+pytest.importorskip("mlx_lm", reason="needs hubbot[mlx]")
+
+RECIPE = "mlx-test"
+THRESHOLDS = {"4bit": 0.85, "8bit": 0.98}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
+
+
+def write_recipes(folder: Path, variants: list[dict]) -> Path:
+    """recipes/phi.yaml plus a recipe RECIPE with the given variants, in folder."""
+    data = yaml.safe_load((ROOT / "recipes" / "phi.yaml").read_text())
+    data["recipes"][RECIPE] = {"description": "MLX variants for the tests.", "variants": variants}
+    (folder / "phi.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return folder
+
+
+def publish(recipes: Path, source: str, *args: str):
+    return CliRunner().invoke(main, ["--recipes-dir", str(recipes), "publish", source, "--recipe", RECIPE, *args])
+
+
+def safetensors_header(path: Path) -> dict:
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(n))
+
+
+@pytest.fixture(scope="module")
+def int4_int8(tmp_path_factory) -> Path:
+    return write_recipes(tmp_path_factory.mktemp("recipes"), [
+        {"format": "mlx", "precision": "int4"}, {"format": "mlx", "precision": "int8"}])
+
+
+@pytest.fixture(scope="module")
+def preview(tiny_phi3, int4_int8, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("preview")
+    result = publish(int4_int8, str(tiny_phi3), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_one_repo_per_variant_named_like_mlx_community(preview, tiny_phi3):
+    assert {p.name for p in preview.iterdir()} == {f"{tiny_phi3.name}-4bit", f"{tiny_phi3.name}-8bit"}
+    for repo in preview.iterdir():
+        files = {p.name for p in repo.iterdir()}
+        assert {"config.json", "model.safetensors", "README.md", "validation.json", "hubbot.json"} <= files
+        assert set(TOKENIZER_FILES) <= files
+        for name in TOKENIZER_FILES:  # the source's own tokenizer files, not mlx-lm's re-save
+            assert (repo / name).read_bytes() == (tiny_phi3 / name).read_bytes()
+        assert (repo / "README.md").read_text().startswith("---\n")  # hubbot's card, not mlx-lm's
+
+
+@pytest.mark.parametrize("quant, bits", [("4bit", 4), ("8bit", 8)])
+def test_config_and_weights_are_quantized(preview, tiny_phi3, quant, bits):
+    repo = preview / f"{tiny_phi3.name}-{quant}"
+    config = json.loads((repo / "config.json").read_text())
+    assert config["quantization"] == {"bits": bits, "group_size": 64, "mode": "affine"}
+    assert config["model_type"] == "phi3"
+    assert config["rope_theta"] == 10000.0 and config["partial_rotary_factor"] == 1.0
+    header = safetensors_header(repo / "model.safetensors")
+    qkv = "model.layers.0.self_attn.qkv_proj"
+    assert header[f"{qkv}.weight"]["dtype"] == "U32"  # packed integers
+    assert header[f"{qkv}.weight"]["shape"] == [768, 256 * bits // 32]
+    assert header[f"{qkv}.scales"]["shape"] == [768, 256 // 64]
+
+
+def test_every_variant_passed_validation_in_mlx(preview, tiny_phi3):
+    for quant, threshold in THRESHOLDS.items():
+        report = json.loads((preview / f"{tiny_phi3.name}-{quant}" / "validation.json").read_text())
+        [v] = report["variants"]
+        assert v["variant_id"] == f"mlx-{quant}"
+        assert v["executed"] and v["passed"], v["reasons"]
+        assert v["agreement"] >= threshold
+        assert len(v["prompts"]) == 6 and all(p["tokens_match"] for p in v["prompts"])
+        assert v["inspection"]["quantization"]["bits"] == int(quant[0])
+        reference = {p["name"]: p["continuation"] for p in report["reference"]}
+        assert reference["count"].lstrip().startswith("6, 7, 8")
+
+
+def test_card_metadata_usage_and_build_numbers(preview, tiny_phi3):
+    repo_id = f"local/{tiny_phi3.name}-4bit"
+    card = ModelCard.load(preview / f"{tiny_phi3.name}-4bit" / "README.md")
+    assert card.data.library_name == "mlx"
+    assert card.data.license == "mit"
+    assert {"mlx", "phi3", "quantized", "hubbot"} <= set(card.data.tags)
+    assert f"mlx_lm.generate --model {repo_id}" in card.text
+    assert f'load("{repo_id}")' in card.text
+    assert "Linux CPU backend" in card.text
+    assert "| `mlx-4bit` | 4-bit affine | 64 |" in card.text
+    assert "## Validation" in card.text and "## Provenance" in card.text
+    manifest = json.loads((preview / f"{tiny_phi3.name}-4bit" / "hubbot.json").read_text())
+    assert set(manifest["tools"]) == {"mlx", "mlx-lm"}
+
+
+def test_published_folder_runs_with_mlx_lm_as_the_card_says(preview, tiny_phi3):
+    from mlx_lm import generate, load
+
+    model, tokenizer = load(str(preview / f"{tiny_phi3.name}-4bit"))
+    text = generate(model, tokenizer, prompt="Count: 1, 2, 3, 4, 5,", max_tokens=6)
+    assert text.lstrip().startswith("6, 7")
+
+
+def test_mixed_predicate_with_group_size_and_dtype_options(tiny_phi3, tmp_path):
+    recipes = write_recipes(tmp_path, [{"format": "mlx", "precision": "mixed_3_6",
+                                        "options": {"group_size": 32, "dtype": "float16"}}])
+    result = publish(recipes, str(tiny_phi3), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    repo = tmp_path / "out" / f"{tiny_phi3.name}-mixed_3_6"  # options are not in the default repo name
+    quant = json.loads((repo / "config.json").read_text())["quantization"]
+    assert (quant["bits"], quant["group_size"]) == (3, 32)
+    assert quant["lm_head"]["bits"] == 6
+    assert {q["bits"] for q in quant.values() if isinstance(q, dict)} == {3, 6}
+    header = safetensors_header(repo / "model.safetensors")
+    assert header["lm_head.scales"]["dtype"] == "F16" and header["lm_head.scales"]["shape"] == [1024, 256 // 32]
+    [v] = json.loads((repo / "validation.json").read_text())["variants"]
+    assert v["variant_id"] == "mlx-mixed_3_6-dtype-float16-group_size-32"
+    assert v["passed"] and v["executed"]
+
+
+def test_config_fix_for_transformers5_rope_parameters():
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "original_max_position_embeddings": 4096, "short_factor": [1.0] * 24, "long_factor": [1.5] * 24}
+    fixed, added = mlx_config({"model_type": "phi3", "rope_parameters": longrope})
+    assert added == ["rope_theta", "partial_rotary_factor", "original_max_position_embeddings", "rope_scaling"]
+    assert fixed["rope_scaling"] == {"type": "longrope", "original_max_position_embeddings": 4096,
+                                     "short_factor": [1.0] * 24, "long_factor": [1.5] * 24}
+    assert "long_factor" in rope_note(fixed)
+    same = {"rope_theta": 1.0, "rope_parameters": {"rope_type": "default", "rope_theta": 1.0}}
+    assert mlx_config(same) == (same, [])
+    assert rope_note(same) == ""
+
+
+def transformers5_source(tiny_phi3: Path, folder: Path, rope: dict, **config_changes) -> Path:
+    """The example as transformers 5 saves it: rope settings only under rope_parameters."""
+    shutil.copytree(tiny_phi3, folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("rope_theta", "partial_rotary_factor"):
+        config.pop(key)
+    config.update(config_changes, rope_parameters=rope)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def top1_agrees(model_dir: Path, config: dict, reference, ids: list[int]) -> bool:
+    from hubbot.backends.mlx import MLXRuntime
+
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return MLXRuntime(model_dir).top1(ids) == reference.top1(ids)
+
+
+def test_rope_parameters_only_source_matches_transformers(tiny_phi3, tmp_path):
+    """A theta and partial rotary factor other than mlx-lm's defaults, only under rope_parameters.
+    Unfixed, MLX would silently rotate with theta 10000 over the whole head."""
+    from hubbot.validate import TransformersRuntime
+
+    rope = {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5}
+    source = transformers5_source(tiny_phi3, tmp_path / "tiny-phi3-rope", rope)
+    recipes = write_recipes(tmp_path, [{"format": "mlx", "precision": "fp32", "min_agreement": 0.95}])
+    result = publish(recipes, str(source), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    repo = tmp_path / "out" / "tiny-phi3-rope-fp32"
+    fixed = json.loads((repo / "config.json").read_text())
+    assert (fixed["rope_theta"], fixed["partial_rotary_factor"]) == (500000.0, 0.5)
+    [v] = json.loads((repo / "validation.json").read_text())["variants"]
+    assert v["passed"] and v["agreement"] >= 0.95
+
+    reference = TransformersRuntime(source)
+    ids = reference.tokenize("Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")
+    assert top1_agrees(repo, fixed, reference, ids)
+    unfixed = {k: v for k, v in fixed.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    assert not top1_agrees(repo, unfixed, reference, ids)  # the config as mlx-lm wrote it
+
+
+def test_longrope_difference_is_reported_and_is_only_the_factor(tiny_phi3, tmp_path):
+    """128k-context Phi: mlx-lm rotates with long_factor even on short prompts. The card says so;
+    with long_factor set to short_factor the same weights match transformers exactly."""
+    from hubbot.validate import TransformersRuntime
+
+    short, long = [1.0] * 32, [1.0 + i / 8 for i in range(32)]
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+            "original_max_position_embeddings": 4096, "short_factor": short, "long_factor": long}
+    source = transformers5_source(tiny_phi3, tmp_path / "tiny-phi3-longrope", rope, max_position_embeddings=131072)
+    recipes = write_recipes(tmp_path, [{"format": "mlx", "precision": "fp32", "min_agreement": 0.0}])
+    result = publish(recipes, str(source), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    repo = tmp_path / "out" / "tiny-phi3-longrope-fp32"
+    config = json.loads((repo / "config.json").read_text())
+    assert config["rope_scaling"]["type"] == "longrope" and config["rope_scaling"]["long_factor"] == long
+    card = (repo / "README.md").read_text()
+    assert "### Known difference from transformers" in card and "long_factor" in card
+    [v] = json.loads((repo / "validation.json").read_text())["variants"]
+    assert v["agreement"] < 1.0
+
+    reference = TransformersRuntime(source)
+    ids = reference.tokenize("Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")
+    assert not top1_agrees(repo, config, reference, ids)
+    assert top1_agrees(repo, {**config, "rope_scaling": {**config["rope_scaling"], "long_factor": short}}, reference, ids)
+
+
+def test_publish_to_hub_one_commit_per_repo(hub_env, tiny_phi3, int4_int8):
+    source = "microsoft/Phi-3-tiny-test"
+    hub_env.seed_repo(source, {p.name: p for p in tiny_phi3.iterdir() if p.is_file()})
+    result = publish(int4_int8, source)
+    assert result.exit_code == 0, result.output
+    for quant in THRESHOLDS:
+        repo = f"{USER}/Phi-3-tiny-test-{quant}"
+        commits = [c for c in hub_env.commits(repo) if c.title.startswith("hubbot:")]
+        assert len(commits) == 1
+        files = hub_env.files(repo)
+        assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "hubbot.json"} <= set(files)
+        card = ModelCard(files["README.md"].decode())
+        assert card.data.library_name == "mlx" and card.data.base_model == source
+        assert f"mlx_lm.generate --model {repo}" in card.text
+        assert json.loads(files["config.json"])["quantization"]["bits"] == int(quant[0])
+    result = publish(int4_int8, source)  # nothing changed upstream: no second commit
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.stderr

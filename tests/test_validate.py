@@ -1,0 +1,57 @@
+"""Validation: the scoring rules, and that a variant which fails is never published."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from hubbot.cli import main
+from hubbot.validate import PromptResult, first_divergence, judge
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_first_divergence():
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 9, 3], [1, 2, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2  # stopped early
+    assert first_divergence([1, 2, 3, 4], [1, 2, 3]) == 3  # ran past the reference's end
+
+
+def _result(name, matched, total, tokens_match=True, text="x"):
+    return PromptResult(name, tokens_match, matched, total, None, text)
+
+
+def test_judge_pools_agreement_over_prompts_and_applies_threshold():
+    report = judge("v", "Q4_K_M", 0.85, [_result("a", 9, 10), _result("b", 8, 10)])
+    assert report.agreement == 0.85 and report.passed
+    report = judge("v", "Q4_K_M", 0.9, [_result("a", 9, 10), _result("b", 8, 10)])
+    assert not report.passed and "below 0.900" in report.reasons[0]
+
+
+def test_judge_fails_on_tokenizer_mismatch_or_empty_generation():
+    report = judge("v", "F16", 0.5, [_result("a", 10, 10, tokens_match=False), _result("b", 10, 10, text="")])
+    assert not report.passed
+    assert any("tokenization differs" in r for r in report.reasons)
+    assert any("generated nothing" in r for r in report.reasons)
+
+
+def test_failing_variant_is_not_published(tmp_path, hub_env, tiny_phi3):
+    """llama.cpp applies Phi-3's special-token whitespace rules only when the model's name says
+    phi3: renamed, the same model tokenizes chat prompts differently from transformers, fails
+    validation, and its repo stays off the Hub."""
+    renamed = tmp_path / "renamed-model"
+    shutil.copytree(tiny_phi3, renamed)
+    result = CliRunner().invoke(main, ["publish", str(renamed), "--recipe", "edge"])
+    assert result.exit_code == 1, result.output
+    out = " ".join(result.output.split())
+    assert "FAILED" in out and "tokenization differs" in out and "count-chat" in out
+    assert "not published" in result.stderr
+    assert not hub_env.repo_exists("hubbot-tester/renamed-model-GGUF")
+    assert not [r for r in hub_env.requests if "/commit/" in r[1] or "/preupload/" in r[1]]
+    kept = json.loads((Path(os.environ["HUBBOT_CACHE"]) / "failed" / "renamed-model-GGUF" / "validation.json").read_text())
+    assert not any(v["passed"] for v in kept["variants"])
