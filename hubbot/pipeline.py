@@ -60,7 +60,8 @@ def _row(variant, built: Built, report: VariantReport, repo_dir: Path) -> dict[s
         "precision_class": variant.precision_class, "target": variant.target,
         "bytes": sum((repo_dir / f).stat().st_size for f in built.files),
         "agreement": report.agreement, "threshold": report.threshold, "passed": report.passed,
-        "executed": report.executed, "tokens_match": all(p.tokens_match for p in report.prompts),
+        "executed": report.executed,
+        "tokens_match": all(p.tokens_match for p in report.prompts) if report.executed else None,
         "divergence": divergence or "—", "details": built.details, "build_seconds": round(built.seconds, 2),
     }
 

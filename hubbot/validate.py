@@ -54,7 +54,10 @@ class VariantReport:
     inspection: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """For validation.json: everything but the timing, so identical builds give identical files."""
+        data = asdict(self)
+        data.pop("seconds")
+        return data
 
 
 class TransformersRuntime:

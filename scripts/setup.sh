@@ -14,4 +14,8 @@ fi
 pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt "$@"; }
 pip_install torch==2.13.0
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} pip_install -e ".[${EXTRAS}]"
+# optimum-intel requires torchvision, but PyPI's build is CUDA-only and breaks transformers'
+# model classes beside the CPU torch ("operator torchvision::nms does not exist"); nothing
+# hubbot runs needs it.
+.venv/bin/python -m pip uninstall --quiet -y torchvision 2>/dev/null || true
 .venv/bin/hubbot --version
