@@ -18,9 +18,9 @@ THRESHOLDS = {"Q4_K_M": 0.85, "Q8_0": 0.98, "F16": 0.99}
 
 @pytest.fixture(scope="module")
 def preview(tiny_phi3, tmp_path_factory) -> Path:
-    """`hubbot publish ./examples/tiny-phi3 --recipe edge --out DIR`, the README's main job."""
+    """The GGUF part of the README's main job: `hubbot publish ./examples/tiny-phi3 --recipe edge-gguf --out DIR`."""
     out = tmp_path_factory.mktemp("preview")
-    result = CliRunner().invoke(main, ["publish", str(tiny_phi3), "--recipe", "edge", "--out", str(out)])
+    result = CliRunner().invoke(main, ["publish", str(tiny_phi3), "--recipe", "edge-gguf", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out / f"{tiny_phi3.name}-GGUF"
 
@@ -81,7 +81,7 @@ def test_card_metadata_and_tables(preview, tiny_phi3):
 
 def test_rerun_to_same_folder_is_up_to_date(preview, tiny_phi3):
     before = {p.name: p.stat().st_mtime_ns for p in preview.iterdir()}
-    result = CliRunner().invoke(main, ["publish", str(tiny_phi3), "--recipe", "edge", "--out", str(preview.parent)])
+    result = CliRunner().invoke(main, ["publish", str(tiny_phi3), "--recipe", "edge-gguf", "--out", str(preview.parent)])
     assert result.exit_code == 0, result.output
     assert "up to date" in result.stderr
     assert {p.name: p.stat().st_mtime_ns for p in preview.iterdir()} == before

@@ -30,7 +30,7 @@ def seeded(hub_env, tiny_phi3, monkeypatch):
 
 
 def publish(*args: str):
-    result = CliRunner().invoke(main, ["publish", SOURCE_REPO, "--recipe", "edge", *args])
+    result = CliRunner().invoke(main, ["publish", SOURCE_REPO, "--recipe", "edge-gguf", *args])
     return result
 
 
@@ -145,7 +145,7 @@ def test_token_never_appears_in_output_logs_cards_or_files(seeded, caplog, tmp_p
     for text in texts:
         assert SENTINEL_TOKEN not in text
     out = tmp_path / "preview"
-    local = CliRunner().invoke(main, ["publish", SOURCE_REPO, "--recipe", "edge", "--out", str(out)])
+    local = CliRunner().invoke(main, ["publish", SOURCE_REPO, "--recipe", "edge-gguf", "--out", str(out)])
     assert local.exit_code == 0, local.output
     for f in out.rglob("*"):
         if f.is_file():

@@ -46,7 +46,7 @@ def test_failing_variant_is_not_published(tmp_path, hub_env, tiny_phi3):
     validation, and its repo stays off the Hub."""
     renamed = tmp_path / "renamed-model"
     shutil.copytree(tiny_phi3, renamed)
-    result = CliRunner().invoke(main, ["publish", str(renamed), "--recipe", "edge"])
+    result = CliRunner().invoke(main, ["publish", str(renamed), "--recipe", "edge-gguf"])
     assert result.exit_code == 1, result.output
     out = " ".join(result.output.split())
     assert "FAILED" in out and "tokenization differs" in out and "count-chat" in out
