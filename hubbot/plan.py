@@ -93,7 +93,7 @@ def make_variant(spec: VariantSpec, family: Family, model_name: str) -> tuple[st
     native = backend.native_type(spec.precision)
     slug = backend.slug(native.name, spec.target, spec.options)
     fields = {"model": model_name, "quant": native.name, "precision": native.precision_class,
-              "target": spec.target, "format": spec.format, "variant": slug}
+              "target": spec.target, "format": spec.format, "variant": slug, "group": backend.group(spec.target)}
     naming = _naming(family, spec.format)
     threshold = spec.min_agreement
     if threshold is None:

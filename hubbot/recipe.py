@@ -23,7 +23,7 @@ from .backends import formats, get_backend
 from .errors import RecipeError, UsageError
 
 DEFAULT_RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-NAMING_FIELDS = {"model", "quant", "precision", "target", "format", "variant"}
+NAMING_FIELDS = {"model", "quant", "precision", "target", "format", "variant", "group"}
 DEFAULT_PROMPTS = [
     {"name": "count", "text": "Count: 1, 2, 3, 4, 5,"},
     {"name": "count-chat", "chat": "Count from 1 to 10."},

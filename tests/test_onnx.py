@@ -128,6 +128,30 @@ def test_two_step_int4_equals_the_builders_own(preview, tiny_phi3, tmp_path):
         json.loads((preview / INT4 / "genai_config.json").read_text())
 
 
+def test_runtime_prepends_bos_exactly_when_the_hf_tokenizer_adds_it(preview, tmp_path):
+    """onnxruntime-genai's tokenizer ignores a BOS post-processor; the runtime adds it, as a user must."""
+    from transformers import AutoTokenizer
+
+    from hubbot.backends.onnx import OrtGenAIRuntime
+
+    folder = shutil.copytree(preview / FP32, tmp_path / "cpu-fp32-bos")
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["post_processor"] = {
+        "type": "TemplateProcessing", "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}]}
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    hf_ids = AutoTokenizer.from_pretrained(folder)("Count: 1, 2, 3").input_ids
+    assert hf_ids[0] == 1
+    runtime = OrtGenAIRuntime(folder)
+    try:
+        assert [int(i) for i in runtime.tokenizer.encode("Count: 1, 2, 3")] == hf_ids[1:]
+        assert runtime.tokenize("Count: 1, 2, 3") == hf_ids
+    finally:
+        runtime.close()
+
+
 def test_inspect_catches_a_miswired_lm_head(preview, tmp_path):
     """onnxruntime-genai 0.18 wires the LM head to the first vocab-wide Linear; inspect must notice."""
     folder = shutil.copytree(preview / FP32, tmp_path / "cpu-fp32")
@@ -146,8 +170,8 @@ def test_folder_names_follow_microsoft():
     assert backend.slug("int4", "dml", {"block_size": 128, "algo": "k_quant"}) == "dml-int4-kquant-block-128"
     assert backend.slug("int4", "cpu", {"is_symmetric": False, "quantize_embeddings": True}) == \
         "cpu-int4-rtn-block-32-acc-level-4-asym-qemb"
-    assert backend.slug("fp16", "webgpu", {}).group == "gpu"
-    assert backend.slug("int8", "cpu", {}).group == "cpu_and_mobile"
+    assert backend.group("webgpu") == "gpu"
+    assert backend.group("cpu") == "cpu_and_mobile"
     with pytest.raises(UsageError, match="algo"):
         backend.slug("int4", "cpu", {"algo": "awq"})
 

@@ -105,6 +105,10 @@ class Backend(ABC):
         parts += [f"{k}-{v}" for k, v in sorted(options.items())]
         return "-".join(p for p in parts if p)
 
+    def group(self, target: str) -> str:
+        """A folder that groups variants inside a repo, for the ``{group}`` naming field."""
+        return ""
+
     @abstractmethod
     def tool_versions(self) -> dict[str, str]: ...
 

@@ -1,0 +1,342 @@
+"""ONNX Runtime GenAI: one folder per variant, built by onnxruntime-genai's own model builder.
+
+Every build step runs onnxruntime-genai's builder (or, for CPU int4/int8, ORT's quantizer on the
+builder's fp32 model) in its own subprocess, so memory is returned to the system between steps
+and the peak of each is measured on its own (``os.wait4``). Folders are laid out like Microsoft's Phi ONNX repos:
+``cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4/``, ``gpu/gpu-int4-rtn-block-32/`` …, each
+with ``genai_config.json``, the model and the source's tokenizer files.
+
+CPU variants run in onnxruntime-genai for validation. Its tokenizer never adds BOS; the runtime
+prepends it exactly when the model's Hugging Face tokenizer does, as a user of the folder must.
+Variants for cuda, dml and webgpu are only checked structurally on a machine without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildError, UsageError
+from .base import Backend, Built, Log, Naming, NativeType
+
+# The builder's precisions (-p) with approximate bits per weight, for size estimates only.
+ONNX_TYPES: dict[str, tuple[str, float]] = {
+    "fp32": ("fp32", 32.0), "fp16": ("fp16", 16.0), "int8": ("int8", 8.5), "int4": ("int4", 4.5)}
+# recipe target -> (group folder, folder-name prefix, provider named in genai_config.json)
+TARGETS: dict[str, tuple[str, str, str | None]] = {
+    "cpu": ("cpu_and_mobile", "cpu", None),
+    "cuda": ("gpu", "gpu", "cuda"),
+    "dml": ("gpu", "dml", "dml"),
+    "webgpu": ("gpu", "webgpu", "webgpu"),
+}
+# recipe algo -> the builder's algo_config ("default" is the builder's round-to-nearest)
+ALGOS = {"rtn": "default", "k_quant": "k_quant"}
+# The builder, run with one fix: 0.18 takes *any* Linear whose out_features equals vocab_size for
+# the LM head, so a model whose fused gate_up_proj happens to be vocab_size wide (the bundled
+# tiny-phi3: 2 x 512 = 1024) gets its logits wired to layer 0's MLP. Here only the model's own
+# lm_head is. inspect_folder checks the wiring of every build either way.
+BUILDER = """
+import runpy, torch
+import onnxruntime_genai.models  # puts the builder's folder on sys.path: it imports `builders`
+from builders.base import Model
+upstream = Model.has_lm_head
+def has_lm_head(self, module):
+    head = getattr(self.weights, "lm_head", None)
+    return module is head if isinstance(head, torch.nn.Module) else upstream(self, module)
+Model.has_lm_head = has_lm_head
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+"""
+# CPU int4/int8 in two steps, each in its own process: the builder's fp32 model (which it streams
+# to disk), then ORT's MatMulNBitsQuantizer on that file, exactly what the builder's own int4 pass
+# runs (same graph, same bytes) but without the builder's source weights and fp32 graph in memory
+# at the same time: peak about 4.5 instead of 7.3 bytes per parameter.
+QUANTIZER = """
+import os, sys, onnx
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+src, dst, bits, block_size, symmetric, accuracy_level = sys.argv[1:]
+quantizer = MatMulNBitsQuantizer(onnx.load(os.path.join(src, "model.onnx")), bits=int(bits), block_size=int(block_size),
+                                 is_symmetric=symmetric == "True", accuracy_level=int(accuracy_level))
+quantizer.process()
+onnx.save(quantizer.model.model, os.path.join(dst, "model.onnx"), save_as_external_data=True,
+          all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+"""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja")
+
+
+def quant_settings(target: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe's int4/int8 options with defaults filled in (Microsoft's: rtn, block 32, acc 4 on CPU)."""
+    s = {"algo": "rtn", "block_size": 32, "accuracy_level": 4 if target == "cpu" else 0,
+         "is_symmetric": True, "quantize_embeddings": False, **options}
+    if s["algo"] not in ALGOS:
+        raise UsageError(f"onnx option algo: '{s['algo']}' is not one of {', '.join(ALGOS)}")
+    if s["block_size"] not in (16, 32, 64, 128, 256):
+        raise UsageError(f"onnx option block_size: {s['block_size']} is not one of 16, 32, 64, 128, 256")
+    if s["accuracy_level"] not in (0, 1, 2, 3, 4):
+        raise UsageError(f"onnx option accuracy_level: {s['accuracy_level']} is not from 0 (unset) to 4")
+    return s
+
+
+def builder_options(native: str, target: str, options: Mapping[str, Any]) -> list[str]:
+    """``--extra_options`` for the builder. It ignores keys it does not know, so only these are passed."""
+    if native not in ("int4", "int8"):
+        return []
+    s = quant_settings(target, options)
+    extra = [f"is_symmetric={s['is_symmetric']}", f"block_size={s['block_size']}", f"algo_config={ALGOS[s['algo']]}"]
+    if s["accuracy_level"]:
+        extra.append(f"accuracy_level={s['accuracy_level']}")
+    if s["quantize_embeddings"]:
+        extra.append("op_types_to_quantize=MatMul,Gather")
+    return extra
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the repo and work folders share a temporary folder: no second copy of the weights
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _tail(log_file: Path, lines: int = 15) -> str:
+    return f"last lines of {log_file}:\n" + "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _run_measured(cmd: list[str], log_file: Path, env: dict[str, str]) -> tuple[int, float, float]:
+    """Run ``cmd``; return its exit code, wall seconds and peak RSS in MB (its own, via wait4)."""
+    started = time.monotonic()
+    with log_file.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.monotonic() - started, usage.ru_maxrss / 1024  # Linux: KiB
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+    extra = "onnx"
+    library_name = "onnxruntime-genai"
+    tags = ("onnx", "onnxruntime-genai")
+    required_modules = ("onnxruntime_genai", "onnx")
+    targets = tuple(TARGETS)
+    default_target = "cpu"
+    precisions = {name: name for name in ONNX_TYPES}
+    native_types = {name: NativeType(name, cls, bpw) for name, (cls, bpw) in ONNX_TYPES.items()}
+    options = {"block_size": int, "accuracy_level": int, "is_symmetric": bool, "algo": str,
+               "quantize_embeddings": bool}
+    naming = Naming(repo="{model}-onnx", path="{group}/{variant}")
+    template = "onnx.md.j2"
+
+    def slug(self, native: str, target: str, options: Mapping[str, Any]) -> str:
+        _, prefix, _ = TARGETS[target]
+        name = f"{prefix}-{native}"
+        if native in ("int4", "int8"):
+            s = quant_settings(target, options)
+            name += f"-{s['algo'].replace('_', '')}-block-{s['block_size']}"
+            name += f"-acc-level-{s['accuracy_level']}" if s["accuracy_level"] else ""
+            name += "" if s["is_symmetric"] else "-asym"
+            name += "-qemb" if s["quantize_embeddings"] else ""
+        elif options:
+            raise UsageError(f"onnx {native} takes no options (got {', '.join(options)}); they apply to int4 and int8")
+        return name
+
+    def group(self, target: str) -> str:
+        return TARGETS[target][0]
+
+    def tool_versions(self) -> dict[str, str]:
+        from importlib.metadata import version
+
+        return {pkg: version(pkg) for pkg in ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir")}
+
+    def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> list[Built]:
+        self.require()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+        bos = {"adds_bos": hf_tokenizer_adds_bos(snapshot.path), "bos_token_id": snapshot.config.get("bos_token_id")}
+        self._fp32: dict[str, Any] | None = None  # the CPU fp32 build, made once per repo
+        built = []
+        for v in variants:
+            out = repo_dir / v.path
+            out.mkdir(parents=True, exist_ok=True)
+            if self.two_step(v):
+                stats = self._quantize_fp32(snapshot, v, out, workdir, env, log)
+            elif v.target == "cpu" and v.native == "fp32":
+                stats = dict(self._cpu_fp32(snapshot, workdir, env, log))
+                for f in (workdir / "cpu-fp32").iterdir():
+                    _link_or_copy(f, out / f.name)
+            else:
+                stats = self._run_builder(snapshot, v.id, v.native, v.target,
+                                          builder_options(v.native, v.target, v.options), out, workdir, env, log)
+            for name in TOKENIZER_FILES:  # the source's own files: older loaders read them, the builder re-saves
+                if (snapshot.path / name).is_file():
+                    (out / name).unlink(missing_ok=True)  # may be a link to the shared fp32 build
+                    shutil.copyfile(snapshot.path / name, out / name)
+            files = sorted(f.relative_to(repo_dir).as_posix() for f in out.rglob("*") if f.is_file())
+            log(f"{v.id}: built in {stats['seconds']:.1f} s, peak RSS {stats['peak_rss_mb']} MB")
+            built.append(Built(v.id, v.path, files, stats.pop("seconds"),
+                               {"provider": TARGETS[v.target][2] or "cpu", **stats, **bos}))
+        return built
+
+    @staticmethod
+    def two_step(v) -> bool:
+        """CPU int4/int8 with the builder's default quantizer: fp32 model first, then quantized."""
+        s = quant_settings(v.target, v.options) if v.native in ("int4", "int8") else {}
+        return v.target == "cpu" and bool(s) and s["algo"] == "rtn" and not s["quantize_embeddings"]
+
+    def _run_builder(self, snapshot, vid: str, native: str, target: str, extra: list[str], out: Path, workdir: Path,
+                     env: dict[str, str], log: Log) -> dict[str, Any]:
+        cmd = [sys.executable, "-c", BUILDER, "-i", str(snapshot.path), "-o", str(out), "-p", native, "-e", target,
+               "-c", str(workdir / "cache")]
+        cmd += ["--extra_options", *extra] if extra else []
+        log(f"{vid}: onnxruntime-genai builder -p {native} -e {target} {' '.join(extra)}")
+        log_file = workdir / f"{vid}.log"
+        rc, seconds, peak_mb = _run_measured(cmd, log_file, env)
+        if rc or not (out / "genai_config.json").is_file():
+            raise BuildError(f"the onnxruntime-genai builder failed for {vid} (exit {rc}); {_tail(log_file)}")
+        return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_mb), "builder": f"-p {native} -e {target}",
+                "extra_options": extra}
+
+    def _cpu_fp32(self, snapshot, workdir: Path, env: dict[str, str], log: Log) -> dict[str, Any]:
+        if self._fp32 is None:
+            self._fp32 = self._run_builder(snapshot, "cpu-fp32", "fp32", "cpu", [], workdir / "cpu-fp32", workdir,
+                                           env, log)
+        return self._fp32
+
+    def _quantize_fp32(self, snapshot, v, out: Path, workdir: Path, env: dict[str, str], log: Log) -> dict[str, Any]:
+        fp32, fp32_stats = workdir / "cpu-fp32", self._cpu_fp32(snapshot, workdir, env, log)
+        s = quant_settings(v.target, v.options)
+        bits = 4 if v.native == "int4" else 8
+        log(f"{v.id}: MatMulNBitsQuantizer on the fp32 model: {bits} bits, block {s['block_size']}, "
+            f"accuracy level {s['accuracy_level']}, {'symmetric' if s['is_symmetric'] else 'asymmetric'}")
+        cmd = [sys.executable, "-c", QUANTIZER, str(fp32), str(out), str(bits), str(s["block_size"]),
+               str(s["is_symmetric"]), str(s["accuracy_level"])]
+        log_file = workdir / f"{v.id}.log"
+        rc, seconds, peak_mb = _run_measured(cmd, log_file, env)
+        if rc or not (out / "model.onnx").is_file():
+            raise BuildError(f"quantizing {v.id} failed (exit {rc}); {_tail(log_file)}")
+        for f in fp32.iterdir():  # genai_config.json (the same for fp32 and int4 on CPU), tokenizer files
+            if not f.name.startswith("model.onnx"):
+                shutil.copyfile(f, out / f.name)
+        return {"seconds": round(seconds + fp32_stats["seconds"], 2),
+                "peak_rss_mb": max(round(peak_mb), fp32_stats["peak_rss_mb"]),
+                "builder": "-p fp32 -e cpu, then onnxruntime's MatMulNBitsQuantizer",
+                "extra_options": builder_options(v.native, v.target, v.options),
+                "fp32_seconds": fp32_stats["seconds"], "fp32_peak_rss_mb": fp32_stats["peak_rss_mb"],
+                "quantize_seconds": round(seconds, 2), "quantize_peak_rss_mb": round(peak_mb)}
+
+    def inspect(self, snapshot, variant, repo_dir: Path) -> dict[str, Any]:
+        return inspect_folder(repo_dir / variant.path, variant.native, variant.target)
+
+    def load(self, variant, repo_dir: Path):
+        if variant.target != "cpu":
+            return None  # cuda, dml and webgpu variants are checked structurally on this machine
+        return OrtGenAIRuntime(repo_dir / variant.path)
+
+
+BACKEND = OnnxBackend
+
+
+def inspect_folder(folder: Path, native: str, target: str) -> dict[str, Any]:
+    """The graph loads in onnx, genai_config.json names the target's provider, the ops fit the precision."""
+    import onnx
+
+    problems = [f"missing {name}" for name in ("genai_config.json", "tokenizer.json") if not (folder / name).is_file()]
+    config = json.loads((folder / "genai_config.json").read_text()) if (folder / "genai_config.json").is_file() else {}
+    decoder = config.get("model", {}).get("decoder", {})
+    model_file = folder / decoder.get("filename", "model.onnx")
+    if not model_file.is_file():
+        raise BuildError(f"{folder.name}: no model file {model_file.name}; " + "; ".join(problems))
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    for init in graph.initializer:  # every external tensor must point at a file that is there
+        for entry in init.external_data:
+            if entry.key == "location" and not (folder / entry.value).is_file():
+                problems.append(f"initializer {init.name} points at missing {entry.value}")
+                break
+    providers = sorted({k for opts in decoder.get("session_options", {}).get("provider_options", []) for k in opts})
+    expected_provider = TARGETS[target][2]
+    if providers != ([expected_provider] if expected_provider else []):
+        problems.append(f"genai_config.json names providers {providers}, expected {expected_provider or 'none (cpu)'}")
+    quantized = native in ("int4", "int8")
+    if quantized and not ops["MatMulNBits"]:
+        problems.append(f"no MatMulNBits node in a {native} model")
+    if not quantized and ops["MatMulNBits"]:
+        problems.append(f"{ops['MatMulNBits']} MatMulNBits nodes in a {native} model")
+    if not any(ops[op] for op in ("GroupQueryAttention", "MultiHeadAttention", "Attention")):
+        problems.append("no attention node (GroupQueryAttention, MultiHeadAttention or Attention)")
+    producers = {out: n for n in graph.node for out in n.output}
+    head = producers.get("logits")
+    while head is not None and not head.name.startswith("/lm_head/MatMul"):  # past Cast/Add/… to the MatMul
+        head = producers.get(head.input[0])
+    norm = producers.get(head.input[0]) if head is not None else None
+    if norm is None or "final_norm" not in norm.name:
+        problems.append(f"the LM head reads {head.input[0] if head is not None else '?'}, not the final norm's output")
+    logits = next((o for o in graph.output if o.name == "logits"), None)
+    logits_type = onnx.TensorProto.DataType.Name(logits.type.tensor_type.elem_type) if logits else None
+    if logits_type is None:
+        problems.append("the graph has no logits output")
+    if problems:
+        raise BuildError(f"{folder.name}: " + "; ".join(problems))
+    return {"provider": expected_provider or "cpu", "model_file": model_file.name, "nodes": len(graph.node),
+            "ops": dict(sorted(ops.items())), "logits_dtype": logits_type, "model_type": config["model"].get("type"),
+            "bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+            "tokenizer_adds_bos": hf_tokenizer_adds_bos(folder)}
+
+
+def hf_tokenizer_adds_bos(folder: Path) -> bool:
+    """Whether the Hugging Face tokenizer in ``folder`` starts every encoding with BOS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id]
+
+
+class OrtGenAIRuntime:
+    """A CPU variant in onnxruntime-genai. Its tokenizer never adds BOS: prepended here exactly
+    when the model's Hugging Face tokenizer adds it (``tokenizer_adds_bos`` in the inspection)."""
+
+    def __init__(self, folder: Path):
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(str(folder))
+        self.tokenizer = og.Tokenizer(self.model)
+        bos = json.loads((folder / "genai_config.json").read_text())["model"].get("bos_token_id")
+        self.prefix = [int(bos)] if bos is not None and hf_tokenizer_adds_bos(folder) else []
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.prefix + [int(i) for i in self.tokenizer.encode(text)]
+
+    def _generator(self, ids: Sequence[int], max_length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens([list(ids)])
+        return generator
+
+    def top1(self, ids: Sequence[int]) -> list[int]:
+        import numpy as np
+
+        logits = self._generator(ids, len(ids) + 1).get_output("logits")
+        if logits.shape[1] != len(ids):
+            raise BuildError(f"the model returned logits for {logits.shape[1]} of {len(ids)} positions")
+        return [int(i) for i in np.argmax(logits[0], axis=-1)]
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        generator = self._generator(ids, len(ids) + max_new_tokens)
+        out: list[int] = []
+        while len(out) < max_new_tokens and not generator.is_done():
+            generator.generate_next_token()
+            out.append(int(generator.get_next_tokens()[0]))
+            if out[-1] in stop_ids:
+                break
+        return out
+
+    def close(self) -> None:
+        del self.tokenizer, self.model
