@@ -138,21 +138,26 @@ class Publisher:
         return report
 
     def _write_metadata(self, plan, repo, repo_id, snapshot, backend, rows, reports, key, repo_dir: Path) -> None:
-        tools = backend.tool_versions()
         reference = self.reference(snapshot).summary() if self._reference else []
-        (repo_dir / REPORT).write_text(json.dumps({
-            "source": snapshot.ref.public_name, "commit": snapshot.commit,
-            "reference": reference, "variants": [r.to_dict() for r in reports],
-        }, indent=2, default=str))
-        (repo_dir / "README.md").write_text(render_card(
-            repo_id=repo_id, plan=plan, repo=repo, snapshot=snapshot, backend=backend, rows=rows,
-            reference=reference, tool_versions=tools, hubbot_version=__version__))
-        files = {f.relative_to(repo_dir).as_posix(): {"sha256": file_digest(f), "size": f.stat().st_size}
-                 for f in folder_files(repo_dir)}
-        (repo_dir / MANIFEST).write_text(json.dumps({
-            "hubbot": __version__, "key": key,
-            "source": {"spec": snapshot.ref.public_name, "repo": snapshot.base_model, "commit": snapshot.commit},
-            "recipe": {"family": plan.source.family.name, "name": plan.recipe.name, "hash": plan.recipe_hash(repo)},
-            "tools": tools, "variants": [v.id for v in repo.variants], "files": files,
-        }, indent=2))
+        write_metadata(plan, repo, repo_id, snapshot, backend, rows, [r.to_dict() for r in reports], reference,
+                       backend.tool_versions(), key, repo_dir)
 
+
+def write_metadata(plan, repo, repo_id, snapshot, backend, rows, reports: list[dict[str, Any]],
+                   reference: list[dict[str, Any]], tools: dict[str, str], key: str, repo_dir: Path) -> None:
+    """validation.json, the README.md card and the hubbot.json manifest of a staged repo folder."""
+    (repo_dir / REPORT).write_text(json.dumps({
+        "source": snapshot.ref.public_name, "commit": snapshot.commit,
+        "reference": reference, "variants": reports,
+    }, indent=2, default=str))
+    (repo_dir / "README.md").write_text(render_card(
+        repo_id=repo_id, plan=plan, repo=repo, snapshot=snapshot, backend=backend, rows=rows,
+        reference=reference, tool_versions=tools, hubbot_version=__version__))
+    files = {f.relative_to(repo_dir).as_posix(): {"sha256": file_digest(f), "size": f.stat().st_size}
+             for f in folder_files(repo_dir)}
+    (repo_dir / MANIFEST).write_text(json.dumps({
+        "hubbot": __version__, "key": key,
+        "source": {"spec": snapshot.ref.public_name, "repo": snapshot.base_model, "commit": snapshot.commit},
+        "recipe": {"family": plan.source.family.name, "name": plan.recipe.name, "hash": plan.recipe_hash(repo)},
+        "tools": tools, "variants": [v.id for v in repo.variants], "files": files,
+    }, indent=2))

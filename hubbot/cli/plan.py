@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
+from .. import actions
 from ..card import human_size
 from ..plan import count_parameters, make_plan
 from ..source import resolve
@@ -16,9 +19,13 @@ from ._output import echo, handle_errors, table
 @click.option("--family", help="Family to use when SOURCE does not tell (e.g. a Hub id outside its patterns).")
 @click.option("--namespace", default="{namespace}", show_default=True, help="Hub namespace for the repo ids shown.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
+@click.option("--github-matrix", "as_matrix", is_flag=True,
+              help="Print a GitHub Actions matrix, one entry per variant ({\"include\": [{\"variant\": …}]}), "
+                   "and under Actions also write it to GITHUB_OUTPUT as 'matrix'.")
 @click.pass_obj
 @handle_errors
-def plan(obj, source: str, recipe_name: str | None, family: str | None, namespace: str, as_json: bool) -> None:
+def plan(obj, source: str, recipe_name: str | None, family: str | None, namespace: str, as_json: bool,
+         as_matrix: bool) -> None:
     """Show the repos and variants SOURCE × RECIPE would produce, with estimated sizes.
 
     SOURCE is a family alias (phi-4), a Hub repo id (microsoft/phi-4[@revision]) or a local folder.
@@ -30,6 +37,13 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
     the_plan = make_plan(ref, recipe, count_parameters(ref.path) if ref.is_local else None)
     if as_json:
         echo(the_plan.to_json(namespace))
+        return
+    if as_matrix:
+        matrix = json.dumps({"include": [{"variant": v.id, "repo": r.repo_id(namespace), "format": r.format,
+                                          "precision": v.native} for r in the_plan.repos for v in r.variants]},
+                            separators=(",", ":"))
+        actions.set_outputs(matrix=matrix)
+        echo(matrix)
         return
     for repo in the_plan.repos:
         table(f"{repo.repo_id(namespace)}  ({repo.format}, recipe '{recipe.name}', hash {the_plan.recipe_hash(repo)})",

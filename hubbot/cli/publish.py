@@ -6,14 +6,15 @@ from pathlib import Path
 
 import click
 
-from ..errors import ValidationFailed
+from .. import actions
+from ..errors import UsageError, ValidationFailed
 from ..pipeline import Publisher, prepare, select
 from ..publish import FolderTarget, HubTarget, make_api, resolve_namespace
 from ._output import handle_errors, progress, table
 
 
 @click.command()
-@click.argument("source")
+@click.argument("source", required=False)
 @click.option("--recipe", "-r", "recipe_name", help="Named recipe; default: the family's default recipe.")
 @click.option("--family", help="Family to use when SOURCE does not tell.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -24,10 +25,13 @@ from ._output import handle_errors, progress, table
 @click.option("--force", is_flag=True, help="Rebuild and publish even when the repo's hubbot.json says it is up to date.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Where intermediate files go (default: the system temp folder); needs room for one F16 copy.")
+@click.option("--from-artifacts", "artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Publish the variants `hubbot build --variant` built into this folder (no SOURCE; builds nothing).")
 @click.pass_obj
 @handle_errors
-def publish(obj, source: str, recipe_name: str | None, family: str | None, out_dir: Path | None,
-            namespace: str | None, endpoint: str | None, create_pr: bool, force: bool, workdir: Path | None) -> None:
+def publish(obj, source: str | None, recipe_name: str | None, family: str | None, out_dir: Path | None,
+            namespace: str | None, endpoint: str | None, create_pr: bool, force: bool, workdir: Path | None,
+            artifacts: Path | None) -> None:
     """Build every variant of SOURCE's RECIPE, validate it against the source, and publish.
 
     SOURCE is a family alias (phi-4), a Hub repo id (microsoft/phi-4[@revision]) or a local folder.
@@ -38,6 +42,12 @@ def publish(obj, source: str, recipe_name: str | None, family: str | None, out_d
     Exit codes: 0 published or up to date, 1 validation or publish failed, 2 bad input,
     3 a format's extra is not installed.
     """
+    if artifacts:
+        if source:
+            raise UsageError("give SOURCE or --from-artifacts, not both")
+        return _from_artifacts(obj, artifacts, out_dir, namespace, endpoint, create_pr, force)
+    if not source:
+        raise UsageError("missing SOURCE (a family alias, a Hub repo id or a local folder), or --from-artifacts DIR")
     ref, recipe = select(source, recipe_name, obj.families(), family)
     if workdir:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -53,9 +63,35 @@ def publish(obj, source: str, recipe_name: str | None, family: str | None, out_d
     table("validation", ["repo", "variant", "agreement", "threshold", "result"],
           [(o.repo_id, r.variant_id, "—" if r.agreement is None else f"{r.agreement:.3f}", f"{r.threshold:.2f}",
             "passed" if r.passed else "FAILED: " + "; ".join(r.reasons)) for o in outcomes for r in o.reports])
-    table("repos", ["repo", "status", "where", "files", "bytes"],
-          [(o.repo_id, o.status, (o.push.pr_url or o.push.url) if o.push else o.message,
-            o.push.files if o.push else "", o.push.bytes if o.push else "") for o in outcomes])
+    rows = [(o.repo_id, o.status, (o.push.pr_url or o.push.url) if o.push else o.message,
+             o.push.files if o.push else "", o.push.bytes if o.push else "") for o in outcomes]
+    table("repos", ["repo", "status", "where", "files", "bytes"], rows)
+    actions.summary_table("hubbot publish", ["repo", "status", "where", "files", "bytes"], rows)
+    actions.set_outputs(published=" ".join(o.repo_id for o in outcomes if o.status == "published"))
     failed = [o.repo_id for o in outcomes if o.status == "failed"]
     if failed:
         raise ValidationFailed(f"not published: {', '.join(failed)}")
+
+
+def _from_artifacts(obj, folder: Path, out_dir: Path | None, namespace: str | None, endpoint: str | None,
+                    create_pr: bool, force: bool) -> None:
+    from ..artifacts import load_builds, publish_builds
+
+    builds = load_builds(folder)
+    api = make_api(endpoint)
+    if out_dir:
+        target = FolderTarget(out_dir, namespace or "local")
+    else:
+        target = HubTarget(api, resolve_namespace(api, namespace), create_pr=create_pr, log=progress)
+    progress(f"{len(builds)} variant build(s) in {folder}")
+    outcomes = publish_builds(builds, obj.families(), target, log=progress, force=force)
+    rows = [(o.repo_id, o.status, (o.push.pr_url or o.push.url) if o.push else o.message,
+             o.push.files if o.push else "", o.push.bytes if o.push else "") for o in outcomes]
+    table("repos", ["repo", "status", "where", "files", "bytes"], rows)
+    actions.summary_table("hubbot publish", ["repo", "status", "where", "files", "bytes"], rows)
+    actions.set_outputs(published=" ".join(o.repo_id for o in outcomes if o.status == "published"))
+    failed = [o for o in outcomes if o.status == "failed"]
+    for o in failed:
+        actions.error(o.message, title=f"{o.repo_id} not published")
+    if failed:
+        raise ValidationFailed(f"not published: {', '.join(o.repo_id for o in failed)}")
