@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Set up (or update) .venv with hubbot, its GGUF toolchain and the test tools, CPU-only.
+# Set up (or update) .venv with hubbot, every format's toolchain (HUBBOT_EXTRAS, default
+# all,test) and the test tools, CPU-only.
 # torch goes in first and constraints.txt pins it, so pip never pulls a multi-GB CUDA build.
 # llama-cpp-python has no wheel on PyPI: the first install compiles llama.cpp (~8 min on 2 cores);
 # pip caches the wheel, so later runs take seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${HUBBOT_EXTRAS:-gguf,test}
+EXTRAS=${HUBBOT_EXTRAS:-all,test}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip

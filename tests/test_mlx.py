@@ -95,7 +95,7 @@ def test_every_variant_passed_validation_in_mlx(preview, tiny_phi3):
         assert reference["count"].lstrip().startswith("6, 7, 8")
 
 
-def test_card_metadata_usage_and_build_numbers(preview, tiny_phi3):
+def test_card_metadata_and_usage(preview, tiny_phi3):
     repo_id = f"local/{tiny_phi3.name}-4bit"
     card = ModelCard.load(preview / f"{tiny_phi3.name}-4bit" / "README.md")
     assert card.data.library_name == "mlx"
@@ -212,7 +212,8 @@ def test_longrope_difference_is_reported_and_is_only_the_factor(tiny_phi3, tmp_p
     reference = TransformersRuntime(source)
     ids = reference.tokenize("Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")
     assert not top1_agrees(repo, config, reference, ids)
-    assert top1_agrees(repo, {**config, "rope_scaling": {**config["rope_scaling"], "long_factor": short}}, reference, ids)
+    short_only = {**config, "rope_scaling": {**config["rope_scaling"], "long_factor": short}}
+    assert top1_agrees(repo, short_only, reference, ids)
 
 
 def test_publish_to_hub_one_commit_per_repo(hub_env, tiny_phi3, int4_int8):
@@ -230,6 +231,12 @@ def test_publish_to_hub_one_commit_per_repo(hub_env, tiny_phi3, int4_int8):
         assert card.data.library_name == "mlx" and card.data.base_model == source
         assert f"mlx_lm.generate --model {repo}" in card.text
         assert json.loads(files["config.json"])["quantization"]["bits"] == int(quant[0])
-    result = publish(int4_int8, source)  # nothing changed upstream: no second commit
+    result = publish(int4_int8, source)  # nothing changed upstream: nothing rebuilt
     assert result.exit_code == 0, result.output
     assert "up to date" in result.stderr
+    result = publish(int4_int8, source, "--force")  # rebuilt: identical files, so no second commit
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("nothing changed") == 2
+    for quant in THRESHOLDS:
+        commits = hub_env.commits(f"{USER}/Phi-3-tiny-test-{quant}")
+        assert len([c for c in commits if c.title.startswith("hubbot:")]) == 1

@@ -1,0 +1,280 @@
+"""MLX for Apple silicon: convert with mlx-lm, one subprocess per variant, validate in MLX.
+
+MLX runs on Apple silicon (Metal); the bot builds and checks the variants on MLX's Linux CPU
+backend (``mlx[cpu]``), which runs the same weights. Quantized matmul is single-threaded and
+slow there, which is why validation scores the reference in one forward pass.
+
+Two things differ from the source as transformers runs it, and are handled or reported here:
+
+- transformers 5 writes rope settings only under ``rope_parameters``, while mlx-lm's ``phi3``
+  reads top-level ``rope_theta`` / ``partial_rotary_factor`` / ``rope_scaling`` and silently
+  falls back to defaults. The converted config gets the top-level keys back (``mlx_config``).
+- longrope (128k-context Phi): mlx-lm always rotates with ``long_factor``; transformers uses
+  ``short_factor`` until the sequence exceeds ``original_max_position_embeddings``. On short
+  prompts such a model cannot match transformers exactly; the card says so (``rope_note``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildError
+from .base import Backend, Built, Log, Naming, NativeType
+
+# name: (precision class, approximate bits per weight with 16-bit scales and biases, group 64,
+# how mlx_lm.convert makes it). Mixed predicates keep v_proj/down_proj of some layers and
+# lm_head at the high bit width (mlx-lm's mixed_quant_predicate_builder).
+MLX_TYPES: dict[str, tuple[str, float, dict[str, Any]]] = {
+    "fp32": ("fp32", 32.0, {"dtype": "float32"}),
+    "bf16": ("bf16", 16.0, {"dtype": "bfloat16"}),
+    "fp16": ("fp16", 16.0, {"dtype": "float16"}),
+    "8bit": ("int8", 8.5, {"bits": 8}),
+    "6bit": ("int6", 6.5, {"bits": 6}),
+    "5bit": ("int5", 5.5, {"bits": 5}),
+    "4bit": ("int4", 4.5, {"bits": 4}),
+    "3bit": ("int3", 3.5, {"bits": 3}),
+    "mixed_4_6": ("int4", 5.0, {"bits": 4, "high_bits": 6}),
+    "mixed_3_6": ("int3", 4.0, {"bits": 3, "high_bits": 6}),
+    "mixed_3_4": ("int3", 3.8, {"bits": 3, "high_bits": 4}),
+    "mixed_2_6": ("int2", 3.2, {"bits": 2, "high_bits": 6}),
+}
+GROUP_SIZES = (32, 64, 128)  # what MLX's affine quantization accepts
+DEFAULT_GROUP_SIZE = 64
+DTYPES = ("float16", "bfloat16", "float32")
+# The source's tokenizer files are copied over mlx-lm's re-saved ones (older loaders read them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+SKIPPED_OUTPUTS = ("README.md",)  # hubbot writes the card
+
+
+def mlx_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The config with the top-level rope keys mlx-lm reads; also the keys that were added."""
+    config = dict(config)
+    rope = config.get("rope_parameters") or {}
+    added = []
+    for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):
+        if key in rope and key not in config:
+            config[key] = rope[key]
+            added.append(key)
+    rope_type = rope.get("rope_type") or rope.get("type")
+    if rope_type not in (None, "default") and not config.get("rope_scaling"):
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor", "rope_type")}
+        config["rope_scaling"] = {**scaling, "type": rope_type}
+        added.append("rope_scaling")
+    return config, added
+
+
+def rope_note(config: dict[str, Any]) -> str:
+    """Why MLX cannot match transformers exactly for this config ('' when it can)."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = scaling.get("type") or scaling.get("rope_type")
+    if kind in ("longrope", "su") and scaling.get("long_factor") != scaling.get("short_factor"):
+        return ("longrope: mlx-lm always rotates with long_factor, while transformers uses short_factor up to "
+                f"{config.get('original_max_position_embeddings', '?')} tokens, so on short prompts this model's "
+                "logits differ from the source's in transformers (a limit of mlx-lm, not of the quantization)")
+    return ""
+
+
+def _source_dtype(config: dict) -> str | None:
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in DTYPES else None
+
+
+def _run_measured(cmd: list[str], log_file: Path) -> tuple[int, float, int]:
+    """Run cmd; return its exit code, wall seconds and peak RSS in bytes (Linux: ru_maxrss is KiB)."""
+    started = time.monotonic()
+    with log_file.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.monotonic() - started, usage.ru_maxrss * 1024
+
+
+class MLXBackend(Backend):
+    name = "mlx"
+    extra = "mlx"
+    library_name = "mlx"
+    tags = ("mlx",)
+    required_modules = ("mlx", "mlx_lm")
+    targets = ("apple",)  # built and validated on MLX's Linux CPU backend
+    default_target = "apple"
+    precisions = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "8bit", "int4": "4bit"}
+    native_types = {name: NativeType(name, cls, bpw) for name, (cls, bpw, _) in MLX_TYPES.items()}
+    # group_size: 32, 64 or 128; dtype: float16 | bfloat16 | float32 for the unquantized parts
+    # of a quantized variant (default: the source's dtype, as mlx-lm does)
+    options = {"group_size": int, "dtype": str}
+    naming = Naming(repo="{model}-{quant}", path="")  # mlx-community style, files at the repo root
+    template = "mlx.md.j2"
+
+    def tool_versions(self) -> dict[str, str]:
+        return {"mlx": version("mlx"), "mlx-lm": version("mlx-lm")}
+
+    def _settings(self, native: str, options: dict[str, Any], config: dict) -> dict[str, Any]:
+        spec = MLX_TYPES[native][2]
+        group_size = options.get("group_size", DEFAULT_GROUP_SIZE)
+        dtype = spec.get("dtype") or options.get("dtype") or _source_dtype(config)
+        if "bits" in spec and group_size not in GROUP_SIZES:
+            raise BuildError(f"mlx group_size must be one of {GROUP_SIZES}, got {group_size}")
+        if dtype is not None and dtype not in DTYPES:
+            raise BuildError(f"mlx dtype must be one of {DTYPES}, got {dtype!r}")
+        if "bits" not in spec:
+            return {"bits": None, "high_bits": None, "group_size": None, "mode": None, "dtype": dtype}
+        return {"bits": spec["bits"], "high_bits": spec.get("high_bits"), "group_size": group_size,
+                "mode": "affine", "dtype": dtype}
+
+    def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> list[Built]:
+        self.require()
+        return [self._build_one(snapshot, v, repo_dir, workdir, log) for v in variants]
+
+    def _build_one(self, snapshot, v, repo_dir: Path, workdir: Path, log: Log) -> Built:
+        settings = self._settings(v.native, v.options, snapshot.config)
+        tmp_out = workdir / f"mlx-{v.id}"  # mlx_lm.convert refuses an existing folder
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(snapshot.path), "--mlx-path", str(tmp_out)]
+        if settings["bits"]:
+            cmd += ["-q", "--q-bits", str(settings["bits"]), "--q-group-size", str(settings["group_size"])]
+            if settings["high_bits"]:
+                cmd += ["--quant-predicate", v.native]
+        if settings["dtype"]:
+            cmd += ["--dtype", settings["dtype"]]
+        log(f"{v.id}: mlx_lm.convert {' '.join(cmd[8:])}")
+        log_file = workdir / f"mlx-{v.id}.log"
+        rc, seconds, peak_rss = _run_measured(cmd, log_file)
+        output = log_file.read_text(errors="replace")
+        if rc or not (tmp_out / "config.json").is_file():
+            tail = "\n".join(output.splitlines()[-15:])
+            raise BuildError(f"mlx_lm.convert failed for {v.id} (exit {rc}); last lines of {log_file}:\n{tail}")
+
+        config, rope_fixed = mlx_config(json.loads((tmp_out / "config.json").read_text()))
+        (tmp_out / "config.json").write_text(json.dumps(config, indent=4, sort_keys=True) + "\n")
+        for name in TOKENIZER_FILES:
+            if (snapshot.path / name).is_file():
+                shutil.copyfile(snapshot.path / name, tmp_out / name)
+        dest = repo_dir / v.path
+        dest.mkdir(parents=True, exist_ok=True)
+        files = []
+        for f in sorted(tmp_out.iterdir()):
+            if f.is_file() and f.name not in SKIPPED_OUTPUTS:
+                shutil.move(f, dest / f.name)
+                files.append((Path(v.path) / f.name).as_posix())
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        bpw = re.search(r"Quantized model with ([\d.]+) bits per weight", output)
+        bpw = float(bpw.group(1)) if bpw else None
+        # time and memory go to the log, not the card: a rebuild must give identical files
+        log(f"{v.id}: converted in {seconds:.1f} s, peak RSS {peak_rss / 2**20:.0f} MiB"
+            + (f", {bpw} bits per weight" if bpw else ""))
+        return Built(v.id, v.path, files, seconds, {
+            **settings, "convert_seconds": round(seconds, 2), "peak_rss_bytes": peak_rss,
+            "bits_per_weight": bpw, "rope_fixed": rope_fixed,
+            "rope_note": rope_note(config),
+        })
+
+    def inspect(self, snapshot, variant, repo_dir: Path) -> dict[str, Any]:
+        folder = repo_dir / variant.path
+        settings = self._settings(variant.native, variant.options, snapshot.config)
+        config = json.loads((folder / "config.json").read_text())
+        quant = config.get("quantization")
+        dtypes = _tensor_dtypes(folder)
+        problems = []
+        if not dtypes:
+            problems.append("no .safetensors weights")
+        if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
+            problems.append("no tokenizer.json or tokenizer.model")
+        model_type = snapshot.config.get("model_type")
+        if config.get("model_type") != model_type:
+            problems.append(f"model_type is {config.get('model_type')!r}, expected {model_type!r}")
+        if mlx_config(config)[1]:
+            problems.append(f"rope settings only under rope_parameters: {mlx_config(config)[1]}")
+        layers = {k: q for k, q in (quant or {}).items() if isinstance(q, dict)}
+        if settings["bits"]:
+            expected = {"bits": settings["bits"], "group_size": settings["group_size"], "mode": "affine"}
+            found = {k: (quant or {}).get(k) for k in expected}
+            if found != expected:
+                problems.append(f"config.json quantization is {found}, expected {expected}")
+            high = {q.get("bits") for q in layers.values()} - {settings["bits"]}
+            if settings["high_bits"] and high != {settings["high_bits"]}:
+                problems.append(f"mixed {variant.native}: no layer at {settings['high_bits']} bits ({high or 'none'})")
+            if "U32" not in dtypes:
+                problems.append(f"no packed (U32) quantized weights: {dtypes}")
+        else:
+            if quant:
+                problems.append(f"{variant.native} should not be quantized, config.json says {quant}")
+            expected_dtype = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[settings["dtype"]]
+            if set(dtypes) - {expected_dtype}:
+                problems.append(f"tensors are {dtypes}, expected only {expected_dtype}")
+        if problems:
+            raise BuildError(f"{variant.id}: " + "; ".join(problems))
+        return {"quantization": {k: v for k, v in (quant or {}).items() if not isinstance(v, dict)} or None,
+                "per_layer_overrides": len(layers), "tensor_dtypes": dtypes,
+                "bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+                "rope_theta": config.get("rope_theta"), "partial_rotary_factor": config.get("partial_rotary_factor")}
+
+    def load(self, variant, repo_dir: Path):
+        return MLXRuntime(repo_dir / variant.path)
+
+
+BACKEND = MLXBackend
+
+
+def _tensor_dtypes(folder: Path) -> dict[str, int]:
+    """Tensor count per dtype, from the safetensors headers (no tensor data is read)."""
+    import struct
+
+    counts: dict[str, int] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + 1
+    return counts
+
+
+class MLXRuntime:
+    """A converted folder loaded with mlx_lm.load (on this machine: MLX's CPU backend)."""
+
+    def __init__(self, path: Path):
+        from mlx_lm import load
+
+        self.model, self.tokenizer = load(str(path))
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))  # the HF tokenizer mlx-lm loads, special tokens added
+
+    def top1(self, ids: Sequence[int]) -> list[int]:
+        import mlx.core as mx
+
+        logits = self.model(mx.array([list(ids)]))
+        return mx.argmax(logits[0], axis=-1).tolist()
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        logits = self.model(mx.array([list(ids)]), cache=cache)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(mx.argmax(logits[0, -1]).item())
+            out.append(token)
+            if token in stop_ids:
+                break
+            logits = self.model(mx.array([[token]]), cache=cache)
+        return out
+
+    def close(self) -> None:
+        import mlx.core as mx
+
+        del self.model
+        mx.clear_cache()
