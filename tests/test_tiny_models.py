@@ -22,6 +22,9 @@ from hubbot.testing.tiny_models import (  # noqa: E402
     render_prompt_ids,
 )
 
+# building the three kinds (and once more for determinism) takes minutes: CI runs these with -m slow
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "tiny-phi3"
 MIN_NEW_TOKENS = 12
