@@ -27,8 +27,9 @@ def test_shipped_recipes_load_and_plan():
             "phi-4-mini-reasoning"} <= set(phi.models)
     assert {"edge", "pc", "server", "all"} <= set(phi.recipes)
     plan = make_plan(resolve("phi-4", families), phi.recipe("edge"))
-    [repo] = plan.repos
-    assert repo.repo_id("me") == "me/phi-4-GGUF"
+    assert [r.repo_id("me") for r in plan.repos] == [
+        "me/phi-4-GGUF", "me/phi-4-onnx", "me/phi-4-int4-ov", "me/phi-4-int8-ov", "me/phi-4-4bit", "me/phi-4-8bit"]
+    repo = plan.repos[0]
     assert [v.path for v in repo.variants] == ["phi-4-Q4_K_M.gguf", "phi-4-Q8_0.gguf", "phi-4-F16.gguf"]
     assert [v.min_agreement for v in repo.variants] == [0.85, 0.98, 0.99]
 
@@ -46,7 +47,8 @@ def test_plan_cli_json(tiny_phi3):
     result = CliRunner().invoke(main, ["plan", str(tiny_phi3), "--recipe", "pc", "--json", "--namespace", "me"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    [repo] = data["repos"]
+    assert [r["format"] for r in data["repos"]] == ["gguf", "onnx", "openvino", "openvino", "openvino"]
+    repo = data["repos"][0]
     assert repo["repo_id"] == f"me/{tiny_phi3.name}-GGUF"
     assert [v["native"] for v in repo["variants"]] == ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"]
     assert all(v["estimated_bytes"] > 0 for v in repo["variants"])  # from the safetensors headers
