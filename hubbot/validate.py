@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .backends.base import Runtime
 from .recipe import Prompt, ValidationSettings

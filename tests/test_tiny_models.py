@@ -31,19 +31,6 @@ MIN_NEW_TOKENS = 12
 MIN_MARGIN = 2.0  # logits between the greedy token and the runner-up, over the first 12 new tokens
 
 
-# Known gap, kept visible: the phi3 fixture (tokenizer switched to Phi-3's "▁ after every special
-# token" rule so that llama.cpp and transformers tokenize chat prompts alike) answers chat prompts
-# with "1" where its tokenizer writes "▁", "1" after <|assistant|>. Its own greedy answers are what
-# hubbot validates against, so the pipeline is unaffected; these id-level checks fail until the
-# fixture is retrained. strict: the day they pass, the marker must go.
-PHI3_CHAT_GAP = pytest.mark.xfail(strict=True, reason="phi3 fixture's chat answers skip the tokenizer's '▁' prefix")
-
-
-def _known_phi3_gap(request, model_dir: Path) -> None:
-    if "phi3" in model_dir.name:
-        request.applymarker(PHI3_CHAT_GAP)
-
-
 @pytest.fixture(scope="module", params=KINDS)
 def model_dir(request) -> Path:
     return cached_tiny_model(request.param)
@@ -106,8 +93,7 @@ def test_unknown_kind_is_rejected(tmp_path):
         cached_tiny_model("phi2", tmp_path)
 
 
-def test_greedy_continues_every_prompt_with_clear_margins(model_dir, request):
-    _known_phi3_gap(request, model_dir)
+def test_greedy_continues_every_prompt_with_clear_margins(model_dir):
     tok, model = _load(model_dir)
     for prompt in VALIDATION_PROMPTS:
         prompt_ids, ref = reference_ids(tok, prompt)
@@ -119,8 +105,7 @@ def test_greedy_continues_every_prompt_with_clear_margins(model_dir, request):
         assert min(margins[:MIN_NEW_TOKENS]) >= MIN_MARGIN, (prompt["name"], margins)
 
 
-def test_chat_answers_end_with_the_end_of_turn_token(model_dir, request):
-    _known_phi3_gap(request, model_dir)
+def test_chat_answers_end_with_the_end_of_turn_token(model_dir):
     tok, model = _load(model_dir)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -133,8 +118,7 @@ def test_chat_answers_end_with_the_end_of_turn_token(model_dir, request):
         assert text.strip() == prompt["expected"]
 
 
-def test_int4_round_to_nearest_keeps_teacher_forced_agreement(model_dir, request):
-    _known_phi3_gap(request, model_dir)
+def test_int4_round_to_nearest_keeps_teacher_forced_agreement(model_dir):
     tok, model = _load(model_dir)
     cases = [reference_ids(tok, p) for p in VALIDATION_PROMPTS]
     before = [_teacher_forced_argmax(model, p, r) for p, r in cases]
@@ -200,6 +184,10 @@ def test_tokenizers_match_their_kind(model_dir):
         assert tok.convert_tokens_to_ids("<0x0A>") == 13  # byte fallback pieces, as in Llama/Phi-3
         rendered = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
         assert rendered == "<|user|>\nHi<|end|>\n<|assistant|>\n"
+        # like Phi-3's tokenizer.json and llama.cpp: the added tokens eat the "\n", and every stretch of
+        # text after a special token starts with "\u2581"
+        toks = tok.convert_ids_to_tokens(render_prompt_ids(tok, {"kind": "chat", "text": "Hi"}))
+        assert toks[0] == "<|user|>" and toks[1].startswith("\u2581") and toks[-2:] == ["<|end|>", "<|assistant|>"]
     else:
         # the real GPT-2 ranks: known ids for GPT-2's own docstring example
         assert tok("Hello world")["input_ids"] == [15496, 995]
@@ -245,7 +233,6 @@ def test_command_line_help():
 
 
 @pytest.mark.skipif(not EXAMPLE.is_dir(), reason="examples/tiny-phi3 not generated")
-@PHI3_CHAT_GAP
 def test_checked_in_example_is_a_working_phi3_fixture():
     size = sum(p.stat().st_size for p in EXAMPLE.rglob("*") if p.is_file())
     assert size <= 10 * 1024 * 1024

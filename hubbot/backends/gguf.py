@@ -17,12 +17,13 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import BuildError
 from ..paths import cache_root
-from .base import Backend, Built, Log, NativeType, Naming
+from .base import Backend, Built, Log, Naming, NativeType
 
 # name: (precision class, approximate bits per weight). Types that need an importance matrix
 # (IQ1/IQ2/IQ3) are left out until the bot can compute one.

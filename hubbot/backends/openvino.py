@@ -16,12 +16,13 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import BuildError
-from .base import Backend, Built, Log, NativeType, Naming
+from .base import Backend, Built, Log, Naming, NativeType
 
 # native type: (precision class, approximate bits per weight, optimum-cli --weight-format)
 OV_TYPES: dict[str, tuple[str, float, str]] = {

@@ -125,7 +125,7 @@ class TinySpec:
     hidden_size: int = 256
     num_attention_heads: int = 4  # head_dim 64
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 2e-3
     warmup: int = 40
     spm_vocab_size: int = 1000
 
@@ -134,17 +134,17 @@ SPECS: dict[str, TinySpec] = {
     "phi3": TinySpec(
         kind="phi3", tokenizer="spm", num_hidden_layers=2, num_key_value_heads=4, intermediate_size=768,
         tie_word_embeddings=False, partial_rotary_factor=1.0, rope_theta=10000.0,
-        max_position_embeddings=4096, sliding_window=2047, steps=400,
+        max_position_embeddings=4096, sliding_window=2047, steps=600,
     ),
     "phi4": TinySpec(
         kind="phi4", tokenizer="gpt2", num_hidden_layers=2, num_key_value_heads=2, intermediate_size=1024,
         tie_word_embeddings=False, partial_rotary_factor=1.0, rope_theta=250000.0,
-        max_position_embeddings=16384, sliding_window=None, steps=400,
+        max_position_embeddings=16384, sliding_window=None, steps=600,
     ),
     "phi4-mini": TinySpec(
         kind="phi4-mini", tokenizer="gpt2", num_hidden_layers=4, num_key_value_heads=2, intermediate_size=768,
         tie_word_embeddings=True, partial_rotary_factor=0.75, rope_theta=10000.0,
-        max_position_embeddings=4096, sliding_window=262144, steps=400,
+        max_position_embeddings=4096, sliding_window=262144, steps=600,
     ),
 }  # fmt: skip
 
@@ -799,6 +799,19 @@ def _write_config_json(out_dir: Path, spec: TinySpec) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _check_tokenizer_unchanged(tok, out_dir: Path) -> None:
+    """The saved folder must tokenize the validation prompts and answers as the training tokenizer did."""
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out_dir)
+    for prompt in VALIDATION_PROMPTS:
+        if reference_ids(saved, prompt) != reference_ids(tok, prompt):
+            raise RuntimeError(
+                f"{out_dir}: the saved tokenizer ({type(saved).__name__}) tokenizes {prompt['name']!r} unlike the "
+                f"one the model was trained with ({type(tok).__name__})"
+            )
+
+
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -830,7 +843,11 @@ def build_tiny_model(kind: str, out_dir: Path, *, seed: int = 0, steps: int | No
             else:
                 tok, overrides = _build_gpt2_tokenizer(Path(tmp), spec)
                 _save_tokenizer(tok, overrides, out_dir)
-        # Train on exactly what `AutoTokenizer.from_pretrained(out_dir)` produces.
+        # Train on exactly what `AutoTokenizer.from_pretrained(out_dir)` produces once the model is saved.
+        # transformers 5 picks the tokenizer class by config.json's model_type when there is one (phi3:
+        # tokenizer.json as written) and by tokenizer_class otherwise (LlamaTokenizer: rebuilt with its own
+        # pre-tokenizer), so a placeholder config.json must be there first; save_pretrained replaces it.
+        (out_dir / "config.json").write_text(json.dumps({"model_type": "phi3"}) + "\n", encoding="utf-8")
         tok = AutoTokenizer.from_pretrained(out_dir)
         full_vocab = -(-len(tok) // 64) * 64
         spm_model = out_dir / "tokenizer.model" if spec.tokenizer == "spm" else None
@@ -848,6 +865,7 @@ def build_tiny_model(kind: str, out_dir: Path, *, seed: int = 0, steps: int | No
         model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=gen_eos, pad_token_id=config.pad_token_id)
         model.save_pretrained(out_dir, safe_serialization=True)
         _write_config_json(out_dir, spec)
+        _check_tokenizer_unchanged(tok, out_dir)
         report = _greedy_report(model, tok)
         params = sum(p.numel() for p in model.parameters())
     finally:
