@@ -158,3 +158,15 @@ def test_unknown_recipe_name(tiny_phi3):
     result = CliRunner().invoke(main, ["publish", str(tiny_phi3), "--recipe", "laptop", "--out", "unused"])
     assert result.exit_code == 2
     assert "no recipe 'laptop'" in result.stderr and "edge" in result.stderr
+
+
+def test_missing_toolchain_names_the_extra_to_install(tiny_phi3, monkeypatch, tmp_path):
+    """A format whose toolchain is not importable fails before any work, naming the pip extra."""
+    from hubbot.backends.mlx import MLXBackend
+
+    monkeypatch.setattr(MLXBackend, "required_modules", ("mlx_lm_not_installed_here",))
+    result = CliRunner().invoke(main, ["publish", str(tiny_phi3), "--recipe", "edge", "--out", str(tmp_path)])
+    assert result.exit_code == 3, result.output
+    message = " ".join(result.stderr.split())
+    assert "mlx_lm_not_installed_here" in message and "pip install 'hubbot[mlx]'" in message
+    assert not any(tmp_path.iterdir())  # nothing was built

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import HubbotError
@@ -62,7 +63,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except HubbotError as e:
-            err_console.print(f"[bold red]Error:[/bold red] {redact(str(e))}", markup=True, highlight=False)
+            err_console.print(f"[bold red]Error:[/bold red] {escape(redact(str(e)))}", markup=True, highlight=False)
             sys.exit(e.exit_code)
 
     return wrapper
