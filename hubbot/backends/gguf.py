@@ -14,8 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 from ..errors import BuildError
 from ..paths import cache_root
+from ..sdist import fetch_sdist_files
 from .base import Backend, Built, Log, Naming, NativeType
 
 # name: (precision class, approximate bits per weight). Types that need an importance matrix
@@ -65,32 +64,8 @@ def converter_dir(log: Log = lambda _: None) -> Path:
     if override:
         return Path(override)
     ver = llama_cpp_version()
-    target = cache_root() / f"llama.cpp-{ver}"
-    if (target / "convert_hf_to_gguf.py").is_file():
-        return target
-    log(f"fetching llama.cpp's converter from the llama-cpp-python {ver} sdist (once)")
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={ver}", "-d", tmp]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if run.returncode or not sdists:
-            raise BuildError(f"could not download the llama-cpp-python {ver} sdist for llama.cpp's "
-                             f"converter: {run.stderr.strip()[-500:]}")
-        cache_root().mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache_root()))
-        staging.chmod(0o755)
-        with tarfile.open(sdists[0]) as tar:
-            for member in tar.getmembers():
-                rel = member.name.split("/vendor/llama.cpp/", 1)
-                if len(rel) == 2 and rel[1].startswith(CONVERTER_FILES) and (member.isfile() or member.isdir()):
-                    member.name = rel[1]
-                    tar.extract(member, staging, filter="data")
-        try:
-            staging.rename(target)  # atomic: a half-extracted converter is never used
-        except OSError:  # another run got there first
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return fetch_sdist_files(f"llama-cpp-python=={ver}", "vendor/llama.cpp/", CONVERTER_FILES,
+                             cache_root() / f"llama.cpp-{ver}", log=log)
 
 
 class GGUFBackend(Backend):
