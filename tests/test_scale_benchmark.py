@@ -110,3 +110,24 @@ def test_report_renders_and_ratios(tmp_path):
     text = report.render(rows)
     assert "| gguf-Q4_K_M | 40.0 s † | 4.0 GiB |" in text and "| 4.0× | 4.0× |" in text
     assert "**FAILED** (killed by SIGKILL)" in text and "not run" in text
+
+
+def test_runner_measures_the_tree_and_survives_a_kill(tmp_path, monkeypatch):
+    monkeypatch.setattr(measure, "HEARTBEAT", 0.5)
+    lines = []
+    # a grandchild holds 200 MB of anonymous memory and writes 3 MB, then exits
+    grandchild = "import time; b = bytearray(200 * 2**20); open('f', 'wb').write(b'x' * 3_000_000); time.sleep(2)"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    work = tmp_path / "w"
+    work.mkdir()
+    m = measure.run_measured([sys.executable, "-c", child], log_file=tmp_path / "log", disk_paths=[work],
+                             label="t", cwd=work, say=lines.append)
+    assert m.rc == 0 and m.peak_anon_bytes > 200 * 2**20 and m.peak_disk_bytes >= 3_000_000
+    assert any(" s  RAM anon " in line for line in lines)  # the heartbeat
+    die = "import os; print('dying', flush=True); os.kill(os.getpid(), 9)"  # as the out-of-memory killer would
+    killed = measure.run_steps([("a", [sys.executable, "-c", "print('step a')"]),
+                                ("b", [sys.executable, "-c", die]),
+                                ("c", [sys.executable, "-c", "print('never')"])],
+                               log_file=tmp_path / "log2", disk_paths=[work], label="k", say=lines.append)
+    assert killed.rc == -9 and "SIGKILL" in killed.note and "dying" in killed.tail
+    assert [s["step"] for s in killed.steps] == ["a", "b"]

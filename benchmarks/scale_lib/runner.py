@@ -99,8 +99,8 @@ class Runner:
                                   "format": variant["format"] if variant else None,
                                   "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                   "load_start": list(os.getloadavg()), **self.common}
-        print(f"=== {label} ({mode}) on {self.model.name}: {' && '.join(' '.join(c) for _, c in steps)[:300]}",
-              flush=True)
+        shown = " && ".join(" ".join("<script>" if "\n" in a else a for a in c) for _, c in steps)
+        print(f"=== {label} ({mode}) on {self.model.name}: {shown}", flush=True)
         m = run_steps(steps, log_file=log_file, disk_paths=[run_dir], label=f"{label} {mode}", env=env,
                       say=lambda s: print(s, flush=True))
         record.update({

@@ -81,7 +81,8 @@ SHAPES: dict[str, Shape] = {
     "small": Shape("small", hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024, vocab=32064,
                    max_positions=131072, original_max_positions=4096, rope_theta=10000.0, longrope=True,
                    sliding_window=262144, tokenizer="phi3-spm", shard_bytes=16 * MIB),
-    # phi-4's structure (GQA 4:1, GPT-2 BPE tokenizer, no rope scaling) at ~28M parameters.
+    # phi-4's structure (GQA 4:1, GPT-2 BPE tokenizer, no rope scaling) at ~55M parameters (110 MB; the
+    # 100k vocabulary is most of it).
     "small-phi4": Shape("small-phi4", hidden=256, layers=4, heads=4, kv_heads=1, intermediate=896, vocab=100352,
                         max_positions=16384, original_max_positions=16384, rope_theta=250000.0,
                         tokenizer="phi4-bpe", shard_bytes=32 * MIB),
