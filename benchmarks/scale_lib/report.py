@@ -42,14 +42,15 @@ def seconds(s: float | None) -> str:
 
 def complete(r: dict[str, Any] | None) -> bool:
     """It ran to the end: exit 0, or hubbot's exit 1 for a variant that failed validation."""
-    return bool(r) and (r["rc"] == 0 or r.get("outcome") == "failed validation")
+    return bool(r) and r.get("outcome") != "exit 0 but wrote no output" and (
+        r["rc"] == 0 or r.get("outcome") == "failed validation")
 
 
 def wall(r: dict[str, Any] | None) -> str:
     if r is None:
         return "not run"
     text = seconds(r["wall_s"])
-    if r["rc"] == 0:
+    if r["rc"] == 0 and complete(r):
         return text
     if complete(r):
         return text + " †"

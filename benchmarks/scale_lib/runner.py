@@ -111,6 +111,8 @@ class Runner:
             "disk_left_bytes": disk_bytes([run_dir]),
         })
         record["outcome"] = outcome(mode, m.rc, m.note, out, m.tail)
+        if m.rc == 0 and not record["output_bytes"]:
+            record["outcome"] = "exit 0 but wrote no output"
         if m.rc:
             record["log_tail"] = m.tail
         self.results.parent.mkdir(parents=True, exist_ok=True)
