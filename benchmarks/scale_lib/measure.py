@@ -161,8 +161,8 @@ def run_steps(steps: Sequence[tuple[str, Sequence[str]]], *, log_file: Path, dis
     details = []
     baseline = disk_bytes(disk_paths)  # a step's leftovers (e.g. the BF16 GGUF) count in the next one's peak
     for name, cmd in steps:
-        m = run_measured(cmd, log_file=log_file, disk_paths=disk_paths, label=f"{label} {name}", env=env,
-                         baseline=baseline, say=say)
+        m = run_measured(cmd, log_file=log_file, disk_paths=disk_paths, env=env, baseline=baseline, say=say,
+                         label=label if len(steps) == 1 else f"{label} {name}")
         details.append({"step": name, "wall_s": m.wall_s, "peak_anon_bytes": m.peak_anon_bytes,
                         "peak_file_bytes": m.peak_file_bytes, "peak_disk_bytes": m.peak_disk_bytes, "rc": m.rc})
         if total is None:

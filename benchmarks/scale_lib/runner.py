@@ -101,8 +101,8 @@ class Runner:
                                   "load_start": list(os.getloadavg()), **self.common}
         shown = " && ".join(" ".join("<script>" if "\n" in a else a for a in c) for _, c in steps)
         print(f"=== {label} ({mode}) on {self.model.name}: {shown}", flush=True)
-        m = run_steps(steps, log_file=log_file, disk_paths=[run_dir], label=f"{label} {mode}", env=env,
-                      say=lambda s: print(s, flush=True))
+        m = run_steps(steps, log_file=log_file, disk_paths=[run_dir], env=env, say=lambda s: print(s, flush=True),
+                      label=label if label == mode else f"{label} {mode}")
         record.update({
             "wall_s": m.wall_s, "peak_anon_bytes": m.peak_anon_bytes, "peak_file_bytes": m.peak_file_bytes,
             "peak_disk_bytes": m.peak_disk_bytes, "ru_maxrss_bytes": m.ru_maxrss_bytes,
