@@ -93,7 +93,7 @@ def table(shape: str, rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([
             variant, wall(h), mem(h and h["peak_anon_bytes"]), mem(h and h["peak_file_bytes"]),
             size(h and h["peak_disk_bytes"]), size(main and main["output_bytes"]),
-            wall(b), mem(b and b["peak_anon_bytes"]), size(b and b["peak_disk_bytes"]),
+            "—" if variant == "publish" else wall(b), mem(b and b["peak_anon_bytes"]), size(b and b["peak_disk_bytes"]),
             ratio(h, b, "wall_s"), ratio(h, b, "peak_anon_bytes"),
         ]) + " |")
     return "\n".join(lines)
