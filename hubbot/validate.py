@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,8 @@ class TransformersRuntime:
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         inputs = self.torch.tensor([list(ids)])
         with self.torch.no_grad():
-            out = self.model.generate(inputs, attention_mask=self.torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+            out = self.model.generate(inputs, attention_mask=self.torch.ones_like(inputs),
+                                      max_new_tokens=max_new_tokens,
                                       do_sample=False, eos_token_id=list(stop_ids) or None,
                                       pad_token_id=self.tokenizer.pad_token_id or (list(stop_ids) or [0])[0])
         return out[0, len(ids):].tolist()
@@ -142,6 +143,30 @@ class Reference:
 
     def close(self) -> None:
         self.runtime.close()
+
+
+class LazyReference:
+    """The source's reference, computed the first time a variant needs it (never, when every repo is
+    up to date or no variant can run here)."""
+
+    def __init__(self, model_dir: Path, settings: ValidationSettings, log: Callable[[str], None] = lambda _: None):
+        self.model_dir = model_dir
+        self.settings = settings
+        self.log = log
+        self._reference: Reference | None = None
+
+    def get(self) -> Reference:
+        if self._reference is None:
+            self.log(f"running the source model in transformers on {len(self.settings.prompts)} prompts")
+            self._reference = Reference(self.model_dir, self.settings)
+        return self._reference
+
+    def summary(self) -> list[dict[str, Any]]:
+        return self._reference.summary() if self._reference else []
+
+    def close(self) -> None:
+        if self._reference:
+            self._reference.close()
 
 
 def first_divergence(generated: Sequence[int], reference: Sequence[int]) -> int | None:

@@ -16,10 +16,10 @@ import yaml
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
-from hubbot.backends import get_backend
+from hubbot.backends import OptionError, get_backend
 from hubbot.backends.onnx import inspect_folder
 from hubbot.cli import main
-from hubbot.errors import BuildError, UsageError
+from hubbot.errors import BuildError
 from tests.conftest import ROOT, USER
 
 INT4 = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
@@ -172,8 +172,8 @@ def test_folder_names_follow_microsoft():
         "cpu-int4-rtn-block-32-acc-level-4-asym-qemb"
     assert backend.group("webgpu") == "gpu"
     assert backend.group("cpu") == "cpu_and_mobile"
-    with pytest.raises(UsageError, match="algo"):
-        backend.slug("int4", "cpu", {"algo": "awq"})
+    with pytest.raises(OptionError, match="algo"):
+        backend.check_options("int4", "cpu", {"algo": "awq"})
 
 
 @pytest.mark.slow  # a second full build: 30-80 s on 2 busy cores

@@ -88,6 +88,13 @@ BAD_RECIPES = [
     ("models.phi-4.repo", "phi-4", ["models.phi-4.repo", "owner/name"]),
     ("watch.default_recipe", "laptop", ["watch.default_recipe", "laptop", "edge"]),
     ("family", DELETE, ["(top level)", "missing required key 'family'"]),
+    # option values are checked by the format's backend while the recipe is parsed, not at build time
+    ("recipes.edge.variants.3.options.algo", "awq", ["recipes.edge.variants[3].options", "algo", "'awq'", "rtn"]),
+    ("recipes.edge.variants.3.options.block_size", 48, ["recipes.edge.variants[3].options", "block_size", "48"]),
+    ("recipes.edge.variants.4.options", {"block_size": 32}, ["recipes.edge.variants[4].options", "fp32 takes no"]),
+    ("recipes.edge.variants.7.options", {"group_size": 64}, ["recipes.edge.variants[7].options", "4-bit"]),
+    ("recipes.edge.variants.8.options", {"group_size": 48}, ["recipes.edge.variants[8].options", "32, 64, 128"]),
+    ("recipes.edge.variants.9.options", {"dtype": "float8"}, ["recipes.edge.variants[9].options", "'float8'"]),
 ]
 
 
