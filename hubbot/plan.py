@@ -116,9 +116,10 @@ def make_plan(source: SourceRef, recipe: Recipe, parameters: int | None = None) 
             continue  # the same variant named twice (e.g. int4 and Q4_K_M) is built once
         seen.add(variant.id)
         repo = repos.setdefault(repo_name, RepoPlan(repo_name, spec.format))
-        if repo.format != spec.format or any(v.path == variant.path for v in repo.variants):
+        clash = next((v for v in repo.variants if v.path == variant.path or repo.format != spec.format), None)
+        if clash:
             raise RecipeError(source.family.path, f"naming.{spec.format}",
-                              f"variants {variant.id} and {repo.variants[0].id} both land at "
+                              f"variants {variant.id} and {clash.id} both land at "
                               f"{repo_name}/{variant.path}; make the templates tell them apart")
         repo.variants.append(variant)
     return Plan(source, recipe, list(repos.values()), parameters)

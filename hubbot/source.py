@@ -59,10 +59,6 @@ class Snapshot:
     def base_model(self) -> str | None:
         return self.ref.repo_id
 
-    @property
-    def architecture(self) -> str:
-        return (self.config.get("architectures") or ["?"])[0]
-
 
 def resolve(spec: str, families: dict[str, Family], family: str | None = None) -> SourceRef:
     """Turn SOURCE into a SourceRef without touching the network."""

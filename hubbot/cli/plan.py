@@ -10,13 +10,14 @@ from .. import actions
 from ..card import human_size
 from ..plan import count_parameters, make_plan
 from ..source import resolve
+from ._options import family_option, recipe_option
 from ._output import echo, handle_errors, table
 
 
 @click.command()
 @click.argument("source")
-@click.option("--recipe", "-r", "recipe_name", help="Named recipe; default: the family's default recipe.")
-@click.option("--family", help="Family to use when SOURCE does not tell (e.g. a Hub id outside its patterns).")
+@recipe_option
+@family_option
 @click.option("--namespace", default="{namespace}", show_default=True, help="Hub namespace for the repo ids shown.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @click.option("--github-matrix", "as_matrix", is_flag=True,
