@@ -26,8 +26,8 @@ from .plan import Plan, RepoPlan, make_plan
 from .publish import Target
 from .recipe import Family
 from .record import BUILD_FILE, RepoRecord, SourceInfo, VariantResult, build_json
+from .reference import LazyReference
 from .source import SourceRef
-from .validate import LazyReference
 
 Log = Callable[[str], None]
 
@@ -52,7 +52,7 @@ class VariantBuild:
 
 def build_variant(spec: str, recipe_name: str | None, variant_id: str, out: Path, families: dict[str, Family],
                   family: str | None = None, api: Any = None, log: Log = print,
-                  workdir: Path | None = None) -> VariantBuild:
+                  workdir: Path | None = None, reference_file: Path | None = None) -> VariantBuild:
     """Build and validate ONE variant of SOURCE × RECIPE into ``out``."""
     ref, recipe = select(spec, recipe_name, families, family)
     offline = make_plan(ref, recipe)
@@ -67,12 +67,11 @@ def build_variant(spec: str, recipe_name: str | None, variant_id: str, out: Path
     if out.exists():
         shutil.rmtree(out)
     (out / "files").mkdir(parents=True)
-    reference = LazyReference(snapshot.path, snapshot.ref.family.validation, log)
-    try:
-        with tempfile.TemporaryDirectory(prefix="hubbot-", dir=workdir) as tmp:
-            results = build_and_validate(backend, [variant], snapshot, out / "files", Path(tmp), reference, log)
-    finally:
-        reference.close()
+    reference = LazyReference(snapshot, log, reference_file)
+    if reference_file:
+        reference.get()  # a reference of another source is refused before anything is built
+    with tempfile.TemporaryDirectory(prefix="hubbot-", dir=workdir) as tmp:
+        results = build_and_validate(backend, [variant], snapshot, out / "files", Path(tmp), reference, log)
     record = RepoRecord(repo.name, plan, repo, SourceInfo.from_snapshot(snapshot), results, reference.summary(),
                         backend.tool_versions())
     (out / BUILD_FILE).write_text(build_json(record, variant_id))

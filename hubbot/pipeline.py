@@ -23,8 +23,9 @@ from .plan import Plan, RepoPlan, Variant, count_parameters, make_plan
 from .publish import REPORT, PushResult, Target
 from .recipe import Family, Recipe
 from .record import RepoRecord, SourceInfo, VariantResult, repo_key
+from .reference import LazyReference
 from .source import Snapshot, SourceRef, fetch, resolve
-from .validate import LazyReference, VariantReport, validate_variant
+from .validate import VariantReport, validate_variant
 
 Log = Callable[[str], None]
 
@@ -140,11 +141,8 @@ class Publisher:
         self.workdir = Path(workdir) if workdir else None
 
     def run(self, plan: Plan, snapshot: Snapshot) -> list[RepoOutcome]:
-        reference = LazyReference(snapshot.path, snapshot.ref.family.validation, self.log)
-        try:
-            return [self.run_repo(plan, repo, snapshot, reference) for repo in plan.repos]
-        finally:
-            reference.close()
+        reference = LazyReference(snapshot, self.log)
+        return [self.run_repo(plan, repo, snapshot, reference) for repo in plan.repos]
 
     def run_repo(self, plan: Plan, repo: RepoPlan, snapshot: Snapshot, reference: LazyReference) -> RepoOutcome:
         backend = get_backend(repo.format)

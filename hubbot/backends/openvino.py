@@ -267,12 +267,27 @@ class OpenVINORuntime:
         import openvino_genai as og
 
         self.ov, self.og = ov, og
-        config = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"} if device == "CPU" else {}
+        self.folder, self.device = folder, device
+        self.config = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"} if device == "CPU" else {}
         self.tokenizer = og.Tokenizer(str(folder))
-        self.pipe = og.LLMPipeline(str(folder), device, **config)
-        model = ov.Core().read_model(folder / MODEL_FILES[0])
-        self.inputs = {i.get_any_name() for i in model.inputs}
-        self.request = ov.Core().compile_model(model, device, config).create_infer_request()
+        self._pipe = self._request = None  # each holds a compiled copy of the weights: only one at a time
+        self.inputs: set[str] = set()
+
+    @property
+    def request(self):
+        if self._request is None:
+            self._pipe = None
+            model = self.ov.Core().read_model(self.folder / MODEL_FILES[0])
+            self.inputs = {i.get_any_name() for i in model.inputs}
+            self._request = self.ov.Core().compile_model(model, self.device, self.config).create_infer_request()
+        return self._request
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            self._request = None
+            self._pipe = self.og.LLMPipeline(str(self.folder), self.device, **self.config)
+        return self._pipe
 
     def tokenize(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=True).input_ids.data[0]]
@@ -301,4 +316,5 @@ class OpenVINORuntime:
         return [int(t) for t in self.pipe.generate(inputs, config).tokens[0]]
 
     def close(self) -> None:
-        del self.pipe, self.request, self.tokenizer
+        self._pipe = self._request = None
+        del self.tokenizer

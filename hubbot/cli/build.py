@@ -26,10 +26,13 @@ COLUMNS = ["variant", "agreement", "threshold", "result"]
               help="Folder for the build (build.json and files/); replaced if it exists.")
 @endpoint_option
 @workdir_option
+@click.option("--reference", "reference_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A reference from `hubbot reference` (same source commit): validation reuses it instead of "
+                   "running the source model.")
 @click.pass_obj
 @handle_errors
 def build(obj, source: str, variant_id: str, recipe_name: str | None, family: str | None, out_dir: Path,
-          endpoint: str | None, workdir: Path | None) -> None:
+          endpoint: str | None, workdir: Path | None, reference_file: Path | None) -> None:
     """Build and validate one variant of SOURCE × RECIPE into OUT, for `hubbot publish --from-artifacts`.
 
     Exit codes: 0 built and passed, 1 it failed validation (the folder still records why),
@@ -37,7 +40,7 @@ def build(obj, source: str, variant_id: str, recipe_name: str | None, family: st
     """
     with actions.group(f"build {variant_id}"):
         result = build_variant(source, recipe_name, variant_id, out_dir, obj.families(), family,
-                               make_api(endpoint), progress, workdir)
+                               make_api(endpoint), progress, workdir, reference_file)
     r = result.data["result"]["report"]
     rows = [(variant_id, "—" if r["agreement"] is None else f"{r['agreement']:.3f}", f"{r['threshold']:.2f}",
              verdict(r))]
