@@ -71,7 +71,7 @@ def validate_built(backend: Backend, variant: Variant, snapshot: Snapshot, repo_
         inspection = backend.inspect(snapshot, variant, repo_dir)
     except BuildError as e:
         return VariantReport(variant.id, variant.native, variant.min_agreement, False, False, reasons=[str(e)])
-    report = validate_variant(backend.load(variant, repo_dir), reference.get(), variant, inspection)
+    report = validate_variant(backend.load(variant, repo_dir), reference.get(), variant, inspection, log)
     verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.reasons)
     log(f"{variant.id}: agreement {report.agreement} (threshold {report.threshold}) — {verdict}")
     return report

@@ -11,12 +11,14 @@ agreement reaches the threshold for its precision.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .backends.base import Runtime
 from .reference import Reference
+
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -56,16 +58,21 @@ def first_divergence(generated: Sequence[int], reference: Sequence[int]) -> int 
     return None if len(generated) == len(reference) else min(len(generated), len(reference))
 
 
-def compare(runtime: Runtime, reference: Reference) -> list[PromptResult]:
+def compare(runtime: Runtime, reference: Reference, log: Log = lambda _: None) -> list[PromptResult]:
     """Score every prompt, one kind of call at a time (all teacher-forced passes, then all greedy
     generations), so a runtime that needs a different engine for each holds one at a time."""
+    started, n = time.monotonic(), len(reference.prompts)
     matched = []
-    for p in reference.prompts:
+    for i, p in enumerate(reference.prompts, 1):
         predicted = runtime.top1(p.ids + p.continuation)
         start = len(p.ids) - 1
         matched.append(sum(int(a == b) for a, b in zip(predicted[start: start + len(p.continuation)],
                                                        p.continuation)))
-    generated = [runtime.generate(p.ids, len(p.continuation) or 1, reference.stop_ids) for p in reference.prompts]
+        log(f"teacher-forced pass {i}/{n} ({time.monotonic() - started:.0f} s)")
+    generated = []
+    for i, p in enumerate(reference.prompts, 1):
+        generated.append(runtime.generate(p.ids, len(p.continuation) or 1, reference.stop_ids))
+        log(f"greedy generation {i}/{n} ({time.monotonic() - started:.0f} s)")
     return [PromptResult(name=p.name, tokens_match=runtime.tokenize(p.text) == p.ids, matched=m,
                          total=len(p.continuation), first_divergence=first_divergence(g, p.continuation),
                          generated_text=reference.decode(g))
@@ -84,7 +91,7 @@ def judge(variant_id: str, precision: str, threshold: float, results: list[Promp
 
 
 def validate_variant(runtime: Runtime | None, reference: Reference, variant: Any,
-                     inspection: dict[str, Any]) -> VariantReport:
+                     inspection: dict[str, Any], log: Log = lambda _: None) -> VariantReport:
     """Judge one built variant; ``runtime`` None means it can only be checked structurally."""
     started = time.monotonic()
     if runtime is None:
@@ -92,7 +99,8 @@ def validate_variant(runtime: Runtime | None, reference: Reference, variant: Any
                                reasons=["not executed on this machine; checked structurally"])
     else:
         try:
-            report = judge(variant.id, variant.native, variant.min_agreement, compare(runtime, reference))
+            results = compare(runtime, reference, lambda m: log(f"{variant.id}: {m}"))
+            report = judge(variant.id, variant.native, variant.min_agreement, results)
         finally:
             runtime.close()
     report.inspection = inspection

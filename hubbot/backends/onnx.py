@@ -59,15 +59,24 @@ runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_
 # CPU int4/int8 in two steps, each in its own process: the builder's fp32 model (which it streams
 # to disk), then ORT's MatMulNBitsQuantizer on that file, exactly what the builder's own int4 pass
 # runs (same graph, same bytes) but without the builder's source weights and fp32 graph in memory
-# at the same time: peak about 4.5 instead of 7.3 bytes per parameter.
+# at the same time. The fp32 graph is loaded without its weights: the quantizer reads each MatMul
+# weight through onnx-ir, which memory-maps it from the external data file (resolved from the
+# working directory, hence the chdir), so only the quantized weights and the few tensors left in
+# fp32 (norms, embeddings) are ever held in memory.
 QUANTIZER = """
 import os, sys, onnx
+from onnx.external_data_helper import load_external_data_for_model
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 src, dst, bits, block_size, symmetric, accuracy_level = sys.argv[1:]
-quantizer = MatMulNBitsQuantizer(onnx.load(os.path.join(src, "model.onnx")), bits=int(bits), block_size=int(block_size),
+dst = os.path.abspath(dst)
+os.chdir(src)
+model = onnx.load("model.onnx", load_external_data=False)
+quantizer = MatMulNBitsQuantizer(model, bits=int(bits), block_size=int(block_size),
                                  is_symmetric=symmetric == "True", accuracy_level=int(accuracy_level))
 quantizer.process()
-onnx.save(quantizer.model.model, os.path.join(dst, "model.onnx"), save_as_external_data=True,
+load_external_data_for_model(quantizer.model.model, ".")  # what stays unquantized comes along
+os.chdir(dst)  # onnx.save looks for an existing data file relative to the working directory
+onnx.save(quantizer.model.model, "model.onnx", save_as_external_data=True,
           all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
 """
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
