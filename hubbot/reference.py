@@ -81,6 +81,9 @@ class TransformersRuntime:
         with self.torch.no_grad():
             return self.model(self.torch.tensor([list(ids)])).logits[0].float()
 
+    def top1(self, ids: Sequence[int]) -> list[int]:
+        return self.logits(ids).argmax(-1).tolist()
+
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         inputs = self.torch.tensor([list(ids)])
         with self.torch.no_grad():
