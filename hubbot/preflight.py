@@ -63,11 +63,10 @@ class SourceSize:
 
 @dataclass(frozen=True)
 class Phase:
-    """One step of a variant's build or validation, with the RAM it peaks at (the hubbot process included)."""
+    """One step of a variant's build or validation and the RAM it takes."""
 
     what: str
     ram_bytes: int
-    shared: bool = False  # the same for every variant of the source (the reference)
 
 
 @dataclass(frozen=True)
@@ -77,9 +76,14 @@ class Estimate:
     variant_id: str
     peak_ram_bytes: int
     disk_bytes: int  # source download (Hub sources) + its intermediate + its own files
-    why: str  # the step that sets the RAM peak
-    build: Phase  # its biggest build step
-    validation: Phase  # its biggest validation step: the reference, or the variant in its runtime
+    why: str  # what sets the RAM peak
+    build: Phase  # its biggest build step (the hubbot process included)
+    reference: Phase  # validation: the source model in transformers (the same for every variant) …
+    runtime: Phase  # … plus the variant in its own runtime
+
+    @property
+    def validation_ram_bytes(self) -> int:
+        return costs.PROCESS_BYTES + self.reference.ram_bytes + self.runtime.ram_bytes
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,15 @@ def reference_phase(parameters: int, dtype: str) -> Phase:
     """The source model in transformers, the same for every variant of a source."""
     ref_dtype = costs.REFERENCE_DTYPE or dtype
     per_param = DTYPE_BYTES.get(ref_dtype, 4)
-    ram = int(parameters * per_param * costs.REFERENCE_LOAD_FACTOR) + costs.PROCESS_BYTES
-    return Phase(f"the source model in transformers in {DTYPE_NAMES.get(ref_dtype, ref_dtype)} "
-                 f"({per_param:g} B/param, x{costs.REFERENCE_LOAD_FACTOR:g} while loading)", ram, shared=True)
+    return Phase(f"the source model in transformers in {DTYPE_NAMES.get(ref_dtype, ref_dtype)} ({per_param:g} B/param)",
+                 int(parameters * per_param))
+
+
+def runtime_phase(variant: Variant, file_bytes: int) -> Phase:
+    cost = costs.RUNTIMES[variant.format]
+    if cost.targets is not None and variant.target not in cost.targets:
+        return Phase(f"no runtime ({variant.target} variants are checked structurally)", 0)
+    return Phase(cost.what, cost.ram(file_bytes))
 
 
 def file_bytes(variant: Variant, parameters: int) -> int:
@@ -138,15 +148,15 @@ def file_bytes(variant: Variant, parameters: int) -> int:
 def estimate_variant(plan: Plan, variant: Variant, parameters: int, dtype: str) -> Estimate:
     output = file_bytes(variant, parameters)
     build_steps = steps(variant)
-    build = max((Phase(s.what, s.ram(parameters) + costs.PROCESS_BYTES) for s in build_steps),
+    build = max((Phase(s.what, costs.PROCESS_BYTES + s.ram(parameters)) for s in build_steps),
                 key=lambda p: p.ram_bytes)
-    runtime = costs.RUNTIMES[variant.format]
-    validation = max((reference_phase(parameters, dtype),
-                      Phase(runtime.what, runtime.ram(output) + costs.PROCESS_BYTES)), key=lambda p: p.ram_bytes)
-    peak = max(build, validation, key=lambda p: p.ram_bytes)
+    runtime = runtime_phase(variant, output)
+    reference = reference_phase(parameters, dtype)
+    validation = costs.PROCESS_BYTES + reference.ram_bytes + runtime.ram_bytes
+    peak, why = max((build.ram_bytes, build.what), (validation, f"validation: {reference.what} + {runtime.what}"))
     download = 0 if plan.source.is_local else _source_bytes(parameters, dtype)
     disk = download + max(s.disk(parameters) for s in build_steps) + output
-    return Estimate(variant.id, peak.ram_bytes, disk, peak.what, build, validation)
+    return Estimate(variant.id, peak, disk, why, build, reference, runtime)
 
 
 def estimate(plan: Plan, parameters: int, dtype: str) -> dict[str, Estimate]:
@@ -309,11 +319,10 @@ def _message(plan: Plan, run: RunEstimate, too_big: list[Estimate], memory: int 
     if too_big:
         lines.append(f"preflight: {len(too_big)} of {len(run.variants)} variant(s) of {name} need more memory "
                      f"than the {human_size(memory)} available here:")
-        reference = next((e.validation for e in too_big if e.validation.shared and e.validation.ram_bytes > memory),
-                         None)
-        if reference:
-            lines.append(f"  validating any variant: ~{human_size(reference.ram_bytes)} for {reference.what}")
-        lines += [f"  {e.variant_id}: {_over(e, memory)}" for e in too_big]
+        reference = too_big[0].reference
+        lines.append(f"  validating any variant takes ~{human_size(reference.ram_bytes)} for {reference.what}, "
+                     f"plus the variant in its runtime")
+        lines += [f"  {e.variant_id}: {_needs(e)}" for e in too_big]
     for group, free in short:
         needed = " + ".join(f"{human_size(n.bytes)} for {n.what}" for n in group)
         lines.append(f"preflight: {name} needs {needed} on the disk of {group[0].path}, which has "
@@ -332,11 +341,11 @@ def _message(plan: Plan, run: RunEstimate, too_big: list[Estimate], memory: int 
     return "\n".join(lines)
 
 
-def _over(e: Estimate, memory: int) -> str:
-    """What of a variant does not fit, the shared reference left to its own line."""
-    over = [f"{label} ~{human_size(p.ram_bytes)} for {p.what}" for label, p in
-            (("building", e.build), ("validating", e.validation)) if p.ram_bytes > memory and not p.shared]
-    return "; ".join(over) or f"validating only (its build, ~{human_size(e.build.ram_bytes)}, fits)"
+def _needs(e: Estimate) -> str:
+    validation = f"validation ~{human_size(e.validation_ram_bytes)}"
+    if e.runtime.ram_bytes:
+        validation += f" (+ ~{human_size(e.runtime.ram_bytes)} for {e.runtime.what})"
+    return f"build ~{human_size(e.build.ram_bytes)} ({e.build.what}); {validation}"
 
 
 # ------------------------------------------------------------------------------- the source's size

@@ -42,11 +42,7 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
     the_plan = make_plan(ref, recipe, size.parameters if size else None)
     estimates = preflight.estimate(the_plan, size.parameters, size.dtype) if size else {}
     if as_json:
-        run = preflight.estimate_run(the_plan, size.parameters, size.dtype) if size else None
-        echo(the_plan.to_json(namespace, _json_estimates(the_plan, estimates),
-                              parameters=size.parameters if size else None, dtype=size.dtype if size else None,
-                              run={"peak_ram_bytes": run.peak_ram_bytes, "disk_bytes": run.disk_bytes} if run else None,
-                              machine=preflight.machine()))
+        echo(_plan_json(the_plan, namespace, size, estimates))
         return
     if as_matrix:
         matrix = json.dumps({"include": [{"variant": v.id, "repo": r.repo_id(namespace), "format": r.format,
@@ -74,10 +70,16 @@ def _source_size(ref, endpoint: str | None) -> preflight.SourceSize | None:
         return None
 
 
-def _json_estimates(the_plan, estimates: dict[str, preflight.Estimate]) -> dict[str, dict]:
-    return {v.id: {"estimated_peak_ram_bytes": estimates[v.id].peak_ram_bytes if estimates else None,
-                   "estimated_disk_bytes": estimates[v.id].disk_bytes if estimates else None}
-            for v in the_plan.variants}
+def _plan_json(the_plan, namespace: str, size: preflight.SourceSize | None,
+               estimates: dict[str, preflight.Estimate]) -> str:
+    per_variant = {v.id: {"estimated_peak_ram_bytes": estimates[v.id].peak_ram_bytes if size else None,
+                          "estimated_disk_bytes": estimates[v.id].disk_bytes if size else None}
+                   for v in the_plan.variants}
+    run = preflight.estimate_run(the_plan, size.parameters, size.dtype) if size else None
+    return the_plan.to_json(namespace, per_variant, parameters=size.parameters if size else None,
+                            dtype=size.dtype if size else None,
+                            run={"peak_ram_bytes": run.peak_ram_bytes, "disk_bytes": run.disk_bytes} if run else None,
+                            machine=preflight.machine())
 
 
 def _machine_line(size: preflight.SourceSize, estimates: dict[str, preflight.Estimate]) -> str:
