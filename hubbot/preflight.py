@@ -86,6 +86,9 @@ class Estimate:
         return costs.PROCESS_BYTES + self.reference.ram_bytes + self.runtime.ram_bytes
 
 
+NO_REFERENCE = Phase("no source model (a precomputed reference)", 0)
+
+
 @dataclass(frozen=True)
 class DiskNeed:
     what: str  # "the working files", "the source download", "the output folders"
@@ -145,13 +148,13 @@ def file_bytes(variant: Variant, parameters: int) -> int:
     return int(parameters * variant.bits_per_weight / 8)
 
 
-def estimate_variant(plan: Plan, variant: Variant, parameters: int, dtype: str) -> Estimate:
+def estimate_variant(plan: Plan, variant: Variant, parameters: int, dtype: str, reference: bool = True) -> Estimate:
     output = file_bytes(variant, parameters)
     build_steps = steps(variant)
     build = max((Phase(s.what, costs.PROCESS_BYTES + s.ram(parameters)) for s in build_steps),
                 key=lambda p: p.ram_bytes)
     runtime = runtime_phase(variant, output)
-    reference = reference_phase(parameters, dtype)
+    reference = reference_phase(parameters, dtype) if reference else NO_REFERENCE
     validation = costs.PROCESS_BYTES + reference.ram_bytes + runtime.ram_bytes
     peak, why = max((build.ram_bytes, build.what), (validation, f"validation: {reference.what} + {runtime.what}"))
     download = 0 if plan.source.is_local else _source_bytes(parameters, dtype)
@@ -159,9 +162,10 @@ def estimate_variant(plan: Plan, variant: Variant, parameters: int, dtype: str) 
     return Estimate(variant.id, peak, disk, why, build, reference, runtime)
 
 
-def estimate(plan: Plan, parameters: int, dtype: str) -> dict[str, Estimate]:
-    """Peak RAM and disk of every variant of ``plan`` for a source of ``parameters`` in ``dtype``."""
-    return {v.id: estimate_variant(plan, v, parameters, dtype) for v in plan.variants}
+def estimate(plan: Plan, parameters: int, dtype: str, reference: bool = True) -> dict[str, Estimate]:
+    """Peak RAM and disk of every variant of ``plan`` for a source of ``parameters`` in ``dtype``;
+    ``reference`` False: validation reuses a precomputed reference (``build --reference``)."""
+    return {v.id: estimate_variant(plan, v, parameters, dtype, reference) for v in plan.variants}
 
 
 def _source_bytes(parameters: int, dtype: str) -> int:
@@ -169,11 +173,13 @@ def _source_bytes(parameters: int, dtype: str) -> int:
 
 
 def estimate_run(plan: Plan, parameters: int, dtype: str, *, variant_ids: Iterable[str] | None = None,
-                 workdir: Path | None = None, out_dir: Path | None = None, staged: bool = True) -> RunEstimate:
+                 workdir: Path | None = None, out_dir: Path | None = None, staged: bool = True,
+                 reference: bool = True) -> RunEstimate:
     """The whole run: ``staged`` (publish) builds each repo in the workdir and copies it to ``out_dir``;
     unstaged (build --variant) writes the variant's files straight into ``out_dir``."""
     wanted = set(variant_ids) if variant_ids is not None else {v.id for v in plan.variants}
-    per_variant = {v.id: estimate_variant(plan, v, parameters, dtype) for v in plan.variants if v.id in wanted}
+    per_variant = {v.id: estimate_variant(plan, v, parameters, dtype, reference) for v in plan.variants
+                   if v.id in wanted}
     repos = [[v for v in r.variants if v.id in wanted] for r in plan.repos]
     repos = [vs for vs in repos if vs]
     outputs = [sum(file_bytes(v, parameters) for v in vs) for vs in repos]
@@ -287,10 +293,11 @@ def _same_disk(a: Path, b: Path) -> bool:
 
 # ------------------------------------------------------------------------------- the check
 def check(plan: Plan, parameters: int, dtype: str, *, variant_ids: Iterable[str] | None = None,
-          workdir: Path | None = None, out_dir: Path | None = None, staged: bool = True) -> RunEstimate:
+          workdir: Path | None = None, out_dir: Path | None = None, staged: bool = True,
+          reference: bool = True) -> RunEstimate:
     """Raise PreflightError, naming what does not fit, when the run needs more RAM or disk than here."""
     run = estimate_run(plan, parameters, dtype, variant_ids=variant_ids, workdir=workdir, out_dir=out_dir,
-                       staged=staged)
+                       staged=staged, reference=reference)
     memory = available_memory()
     too_big = [e for e in run.variants.values() if memory is not None and e.peak_ram_bytes > memory]
     short = _short_disks(run.disk)
@@ -320,8 +327,9 @@ def _message(plan: Plan, run: RunEstimate, too_big: list[Estimate], memory: int 
         lines.append(f"preflight: {len(too_big)} of {len(run.variants)} variant(s) of {name} need more memory "
                      f"than the {human_size(memory)} available here:")
         reference = too_big[0].reference
-        lines.append(f"  validating any variant takes ~{human_size(reference.ram_bytes)} for {reference.what}, "
-                     f"plus the variant in its runtime")
+        if reference.ram_bytes:
+            lines.append(f"  validating any variant takes ~{human_size(reference.ram_bytes)} for {reference.what}, "
+                         f"plus the variant in its runtime")
         lines += [f"  {e.variant_id}: {_needs(e)}" for e in too_big]
     for group, free in short:
         needed = " + ".join(f"{human_size(n.bytes)} for {n.what}" for n in group)
@@ -371,7 +379,7 @@ def source_size(ref: SourceRef, api: Any = None) -> SourceSize:
 
 def check_source(ref: SourceRef, recipe: Recipe, api: Any, *, variant_ids: Iterable[str] | None = None,
                  workdir: Path | None = None, out_dir: Path | None = None, staged: bool = True,
-                 log: Log = print) -> RunEstimate | None:
+                 reference: bool = True, log: Log = print) -> RunEstimate | None:
     """The preflight of ``hubbot publish`` and ``hubbot build``: size the source from its headers,
     then ``check``. A source whose size cannot be read is not refused here (the download says why)."""
     try:
@@ -381,7 +389,7 @@ def check_source(ref: SourceRef, recipe: Recipe, api: Any, *, variant_ids: Itera
         return None
     plan = make_plan(ref, recipe, size.parameters)
     run = check(plan, size.parameters, size.dtype, variant_ids=variant_ids, workdir=workdir, out_dir=out_dir,
-                staged=staged)
+                staged=staged, reference=reference)
     memory = available_memory()
     log(f"preflight: {human_count(size.parameters)} parameters ({size.dtype}); peak RAM "
         f"~{human_size(run.peak_ram_bytes)} of {human_size(memory)} available, disk ~{human_size(run.disk_bytes)}")

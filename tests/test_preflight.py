@@ -141,14 +141,14 @@ def test_publish_phi4_edge_refused_before_anything(phi4_shaped, tmp_path, monkey
     assert "phi4-shaped (recipe 'edge')" in message
     assert "than the 25.8 GB available here" in message  # 24 GiB, in GB
     # the reference every variant needs, once; then each variant's build step and validation
-    assert message.count("validating any variant takes ~58.6 GB for the source model in transformers in fp32") == 1
+    assert message.count("validating any variant takes ~29.3 GB for the source model in transformers in bf16") == 1
     assert (f"  {EDGE_ONNX_CPU_INT4}: build ~68.4 GB (ORT's quantizer, which loads the fp32 ONNX model whole); "
-            "validation ~76.6 GB (+ ~17.5 GB for the variant in onnxruntime-genai)") in message
+            "validation ~47.3 GB (+ ~17.5 GB for the variant in onnxruntime-genai)") in message
     assert "  openvino-int4_asym: build ~39.1 GB (optimum-intel's OpenVINO export (int4)); validation" in message
-    assert "  gguf-Q4_K_M: build ~3.0 GB (llama.cpp's converter to F16/BF16); validation ~71.2 GB" in message
+    assert "  gguf-Q4_K_M: build ~3.0 GB (llama.cpp's converter to F16/BF16); validation ~41.9 GB" in message
     assert "  onnx-gpu-int4-rtn-block-32: build ~108.0 GB" in message  # not run here: no runtime in its validation
     assert "on the disk of" in message and "which has 50.0 GB free" in message
-    assert "run on a machine with 177.4 GB of memory" in message  # onnx-cpu-fp32: fp32 reference + fp32 model
+    assert "run on a machine with 148.1 GB of memory" in message  # onnx-cpu-fp32: its fp32 model in ORT
     assert "--no-preflight" in message and "--workdir" in message
     assert not out.exists()
 
@@ -170,6 +170,17 @@ def test_a_machine_big_enough_goes_on(phi4_shaped, tmp_path, monkeypatch, next_s
     result = CliRunner().invoke(main, ["publish", str(phi4_shaped), "--recipe", "edge", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "reached the stage after the preflight" in result.output, result.output
     assert "preflight: 14.66B parameters (BF16); peak RAM ~" in result.output
+
+
+def test_build_with_a_precomputed_reference_needs_no_source_model(phi4_shaped, tmp_path, monkeypatch, next_stage):
+    machine(monkeypatch, "24GiB")
+    args = ["build", str(phi4_shaped), "--recipe", "edge", "--variant", "gguf-Q4_K_M", "--out", str(tmp_path / "o")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "validation ~41.9 GB" in refused.output, refused.output
+    reference = tmp_path / "reference.json"
+    reference.write_text("{}")  # what `hubbot reference` writes; the stand-in build does not read it
+    result = CliRunner().invoke(main, [*args, "--reference", str(reference)])
+    assert result.exit_code == 2 and "reached the stage after the preflight" in result.output, result.output
 
 
 @pytest.mark.parametrize("command", [["publish", "--recipe", "edge"],
@@ -280,16 +291,15 @@ def test_publish_hub_source_refused_without_downloading(hub_env, tmp_path, monke
 
 
 # ------------------------------------------------------------------------------- the cost table
-def test_gguf_of_a_3_8b_fits_a_16gb_runner_once_the_reference_is_bf16(monkeypatch):
+def test_gguf_q4_of_a_3_8b_fits_a_16gb_runner_with_the_bf16_reference(monkeypatch):
     plan = plan_for(PHI35_MINI, "edge-gguf")
     assert 3.8e9 < plan.parameters < 3.83e9
-    today = preflight.estimate(plan, plan.parameters, "BF16")
-    assert all(e.build.ram_bytes < 3e9 for e in today.values())  # llama.cpp's tools stream
-    assert all(e.peak_ram_bytes > 19e9 for e in today.values())  # measured: 19.5 GB (Q4_K_M), 21.6 GB (Q8_0)
-    monkeypatch.setattr(costs, "REFERENCE_DTYPE", None)  # the reference in the source's dtype: 2 B/param
-    bf16 = preflight.estimate(plan, plan.parameters, "BF16")
-    assert bf16["gguf-Q4_K_M"].peak_ram_bytes < 14e9
-    assert bf16["gguf-F16"].peak_ram_bytes > 14e9  # its 7.6 GB file in llama.cpp on top of the reference
+    estimates = preflight.estimate(plan, plan.parameters, "BF16")
+    assert all(e.build.ram_bytes < 3e9 for e in estimates.values())  # llama.cpp's tools stream
+    assert estimates["gguf-Q4_K_M"].peak_ram_bytes < 14e9
+    assert estimates["gguf-F16"].peak_ram_bytes > 14e9  # its 7.6 GB file in llama.cpp on top of the reference
+    monkeypatch.setattr(costs, "REFERENCE_DTYPE", "F32")  # as measured: 19.5 GB (Q4_K_M), 21.6 GB (Q8_0)
+    assert all(e.peak_ram_bytes > 19e9 for e in preflight.estimate(plan, plan.parameters, "BF16").values())
 
 
 def test_onnx_int4_of_phi4_does_not_fit_20gb():
@@ -310,7 +320,8 @@ MEASURED_3_8B = [("gguf-Q4_K_M", 19.5), ("gguf-Q8_0", 21.6), (EDGE_ONNX_CPU_INT4
 
 
 @pytest.mark.parametrize(("variant", "measured_gb"), MEASURED_3_8B)
-def test_the_table_covers_the_measured_peaks_without_overshooting(variant, measured_gb):
+def test_the_table_covers_the_measured_peaks_without_overshooting(variant, measured_gb, monkeypatch):
+    monkeypatch.setattr(costs, "REFERENCE_DTYPE", "F32")  # the measured runs' fp32 reference
     plan = plan_for(PHI35_MINI)
     e = preflight.estimate(plan, plan.parameters, "BF16")[variant]
     assert measured_gb * 1e9 <= e.peak_ram_bytes <= measured_gb * 1e9 * 1.25, e

@@ -46,7 +46,7 @@ def build(obj, source: str, variant_id: str, recipe_name: str | None, family: st
         if not skip_preflight:
             ref, recipe = select(source, recipe_name, obj.families(), family)
             preflight.check_source(ref, recipe, api, variant_ids=[variant_id], workdir=workdir, out_dir=out_dir,
-                                   staged=False, log=progress)
+                                   staged=False, reference=reference_file is None, log=progress)
         result = build_variant(source, recipe_name, variant_id, out_dir, obj.families(), family,
                                api, progress, workdir, reference_file)
     r = result.data["result"]["report"]
