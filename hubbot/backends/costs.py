@@ -76,9 +76,11 @@ STEPS: dict[tuple[str, str], ToolCost] = {
     # CPU int4/int8, step 1: the builder's fp32 model, 10.4 GB at 3.8B (2.7 B/param), written to
     # disk as a 15.3 GB fp32 ONNX file (4.0 B/param); also the cpu fp32 variant itself.
     ("onnx", "builder-fp32"): ToolCost("the onnxruntime-genai builder's fp32 model", 2.6, GB // 2, 4.0),
-    # CPU int4/int8, step 2: ORT's MatMulNBitsQuantizer loads the fp32 file whole: 17.7 GB at 3.8B
-    # (4.6 B/param; the notes extrapolate ~66 GB for phi-4).
-    ("onnx", "quantizer"): ToolCost("ORT's quantizer, which loads the fp32 ONNX model whole", 4.6, GB // 2),
+    # CPU int4/int8, step 2: ORT's MatMulNBitsQuantizer. Measured loading the fp32 file whole: 17.7 GB
+    # at 3.8B (4.6 B/param). Since 9a8bdd7 it reads the weights memory-mapped, one MatMul at a time:
+    # not measured; it holds the quantized weights (int4 ~0.56, int8 ~1.06 B/param), roughly twice
+    # while saving, plus the fp32 tensors it leaves (embeddings: ~0.14 B/param at Phi's shapes).
+    ("onnx", "quantizer"): ToolCost("ORT's quantizer (fp32 weights memory-mapped)", 2.5, GB // 2),
     # int4/int8 in one builder pass (cuda/dml/webgpu, k_quant, quantized embeddings): small models
     # peaked 2.0 GB at 200M and 5.5 GB at 700M params, ~7 B/param (the notes extrapolate 28 GB at
     # 3.8B); onnx.py's notes put the one-pass peak at about 7.3 B/param.
