@@ -113,7 +113,7 @@ RUNTIMES: dict[str, RuntimeCost] = {
     # int4_asym (2.2 GB file) 22.9 GB, int8_asym (3.9 GB) 22.6 GB; the notes: it loads the model twice
     # (GenAI and Core). 2x leaves int8 3.7 GB high at 3.8B; since b445f1a validation holds one compiled
 # model at a time, not measured yet: 2x stays until the benchmark says otherwise
-    "openvino": RuntimeCost("the variant in OpenVINO (loaded twice: GenAI and Core)", 2.0, 28 * GB // 10,
+    "openvino": RuntimeCost("the variant in OpenVINO", 2.0, 28 * GB // 10,
                             targets=("cpu",)),
     # mlx-4bit (2.1 GB file) reached 20.7 GB before it was stopped unfinished
     "mlx": RuntimeCost("the variant in MLX", 2.0, GB),
