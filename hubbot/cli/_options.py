@@ -27,6 +27,10 @@ workdir_option = click.option("--workdir", type=click.Path(file_okay=False, path
                                    "for the largest intermediate of a format (e.g. one F16 GGUF).")
 out_option = click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
                           help="Write each repo as a folder DIR/<repo name> instead of pushing (no Hub, no token).")
+no_preflight_option = click.option(
+    "--no-preflight", "skip_preflight", is_flag=True,
+    help="Skip the check, made from the source's safetensors headers before anything is downloaded, that this "
+         "machine has the memory and disk the run needs (`hubbot plan` shows the estimates).")
 create_pr_option = click.option("--pr", "create_pr", is_flag=True,
                                 help="Open a pull request instead of pushing to main when the repo exists.")
 

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from .. import actions
+from .. import actions, preflight
 from ..artifacts import build_variant
 from ..errors import ValidationFailed
+from ..pipeline import select
 from ..publish import make_api
-from ._options import endpoint_option, family_option, recipe_option, workdir_option
+from ._options import endpoint_option, family_option, no_preflight_option, recipe_option, workdir_option
 from ._output import handle_errors, progress, report
 from .publish import verdict
 
@@ -29,18 +30,25 @@ COLUMNS = ["variant", "agreement", "threshold", "result"]
 @click.option("--reference", "reference_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A reference from `hubbot reference` (same source commit): validation reuses it instead of "
                    "running the source model.")
+@no_preflight_option
 @click.pass_obj
 @handle_errors
 def build(obj, source: str, variant_id: str, recipe_name: str | None, family: str | None, out_dir: Path,
-          endpoint: str | None, workdir: Path | None, reference_file: Path | None) -> None:
+          endpoint: str | None, workdir: Path | None, reference_file: Path | None, skip_preflight: bool) -> None:
     """Build and validate one variant of SOURCE × RECIPE into OUT, for `hubbot publish --from-artifacts`.
 
     Exit codes: 0 built and passed, 1 it failed validation (the folder still records why),
-    2 bad input, 3 a format's extra is not installed.
+    2 bad input or too big for this machine (checked before anything is downloaded; --no-preflight
+    skips it), 3 a format's extra is not installed.
     """
+    api = make_api(endpoint)
     with actions.group(f"build {variant_id}"):
+        if not skip_preflight:
+            ref, recipe = select(source, recipe_name, obj.families(), family)
+            preflight.check_source(ref, recipe, api, variant_ids=[variant_id], workdir=workdir, out_dir=out_dir,
+                                   staged=False, reference=reference_file is None, log=progress)
         result = build_variant(source, recipe_name, variant_id, out_dir, obj.families(), family,
-                               make_api(endpoint), progress, workdir, reference_file)
+                               api, progress, workdir, reference_file)
     r = result.data["result"]["report"]
     rows = [(variant_id, "—" if r["agreement"] is None else f"{r['agreement']:.3f}", f"{r['threshold']:.2f}",
              verdict(r))]

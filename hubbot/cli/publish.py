@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .. import actions
+from .. import actions, preflight
 from ..errors import UsageError, ValidationFailed
 from ..pipeline import Publisher, RepoOutcome, prepare, select
 from ..publish import make_api
@@ -16,6 +16,7 @@ from ._options import (
     family_option,
     make_target,
     namespace_option,
+    no_preflight_option,
     out_option,
     recipe_option,
     workdir_option,
@@ -36,13 +37,14 @@ REPO_COLUMNS = ["repo", "status", "where", "files", "bytes"]
 @click.option("--force", is_flag=True,
               help="Rebuild and publish even when the repo's hubbot.json says it is up to date.")
 @workdir_option
+@no_preflight_option
 @click.option("--from-artifacts", "artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Publish the variants `hubbot build --variant` built into this folder (no SOURCE; builds nothing).")
 @click.pass_obj
 @handle_errors
 def publish(obj, source: str | None, recipe_name: str | None, family: str | None, out_dir: Path | None,
             namespace: str | None, endpoint: str | None, create_pr: bool, force: bool, workdir: Path | None,
-            artifacts: Path | None) -> None:
+            artifacts: Path | None, skip_preflight: bool) -> None:
     """Build every variant of SOURCE's RECIPE, validate it against the source, and publish.
 
     SOURCE is a family alias (phi-4), a Hub repo id (microsoft/phi-4[@revision]) or a local folder.
@@ -50,8 +52,11 @@ def publish(obj, source: str | None, recipe_name: str | None, family: str | None
     hubbot.json; a repo with a failing variant is not published at all. The Hub token comes from
     HF_TOKEN or `hf auth login` and is never printed.
 
-    Exit codes: 0 published or up to date, 1 validation or publish failed, 2 bad input,
-    3 a format's extra is not installed.
+    Before anything is downloaded, a preflight checks that each variant fits in the memory available
+    and the run in the free disk (`hubbot plan` shows the estimates); it refuses with exit 2.
+
+    Exit codes: 0 published or up to date, 1 validation or publish failed, 2 bad input or too big
+    for this machine, 3 a format's extra is not installed.
     """
     if artifacts:
         if source:
@@ -60,8 +65,11 @@ def publish(obj, source: str | None, recipe_name: str | None, family: str | None
     if not source:
         raise UsageError("missing SOURCE (a family alias, a Hub repo id or a local folder), or --from-artifacts DIR")
     ref, recipe = select(source, recipe_name, obj.families(), family)
+    api = make_api(endpoint)
+    if not skip_preflight:
+        preflight.check_source(ref, recipe, api, workdir=workdir, out_dir=out_dir, log=progress)
     target = make_target(out_dir, namespace, endpoint, create_pr)
-    the_plan, snapshot = prepare(ref, recipe, make_api(endpoint))
+    the_plan, snapshot = prepare(ref, recipe, api)
     progress(f"source {snapshot.ref.display} at {snapshot.commit}; recipe '{the_plan.recipe.name}': "
              f"{len(the_plan.variants)} variants in {len(the_plan.repos)} repo(s)")
     outcomes = Publisher(target, log=progress, force=force, workdir=workdir).run(the_plan, snapshot)
