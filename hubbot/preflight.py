@@ -114,10 +114,10 @@ def steps(variant: Variant) -> list[ToolCost]:
     if fmt == "gguf":
         return [costs.STEPS["gguf", "convert-f32" if native == "F32" else "convert"], costs.STEPS["gguf", "quantize"]]
     if fmt == "onnx":
-        from .backends.onnx import OnnxBackend
+        from .backends.onnx import BASE_PRECISION, OnnxBackend
 
         if OnnxBackend.two_step(variant):
-            return [costs.STEPS["onnx", "builder-fp32"], costs.STEPS["onnx", "quantizer"]]
+            return [costs.STEPS["onnx", f"builder-{BASE_PRECISION[variant.target]}"], costs.STEPS["onnx", "quantizer"]]
         if native in ("int4", "int8"):
             return [costs.STEPS["onnx", "builder-quantized"]]
         return [costs.STEPS["onnx", f"builder-{native}"]]

@@ -39,6 +39,10 @@ TARGETS: dict[str, tuple[str, str, str | None]] = {
     "dml": ("gpu", "dml", "dml"),
     "webgpu": ("gpu", "webgpu", "webgpu"),
 }
+# The unquantized model int4/int8 variants are quantized from: what the builder's own int4/int8
+# pass starts from on that target (fp32 activations on CPU, fp16 on GPU EPs).
+# Checked for cpu and cuda (same nodes, same weight bytes); dml and webgpu use the builder's one pass.
+BASE_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
 # recipe algo -> the builder's algo_config ("default" is the builder's round-to-nearest)
 ALGOS = {"rtn": "default", "k_quant": "k_quant"}
 # The builder, run with one fix: 0.18 takes *any* Linear whose out_features equals vocab_size for
@@ -56,10 +60,10 @@ def has_lm_head(self, module):
 Model.has_lm_head = has_lm_head
 runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
 """
-# CPU int4/int8 in two steps, each in its own process: the builder's fp32 model (which it streams
-# to disk), then ORT's MatMulNBitsQuantizer on that file, exactly what the builder's own int4 pass
-# runs (same graph, same bytes) but without the builder's source weights and fp32 graph in memory
-# at the same time. The fp32 graph is loaded without its weights: the quantizer reads each MatMul
+# int4/int8 in two steps, each in its own process: the builder's unquantized model for the target
+# (BASE_PRECISION, which it streams to disk), then ORT's MatMulNBitsQuantizer on that file, exactly
+# what the builder's own int4 pass runs (same nodes, same bytes) but without the builder's source
+# weights and unquantized graph in memory at the same time. The base graph is loaded without its weights: the quantizer reads each MatMul
 # weight through onnx-ir, which memory-maps it from the external data file (resolved from the
 # working directory, hence the chdir), so only the quantized weights and the few tensors left in
 # fp32 (norms, embeddings) are ever held in memory.
@@ -117,18 +121,23 @@ class OnnxDetails(Details):
     peak_rss_bytes: int
     adds_bos: bool  # the source's HF tokenizer adds BOS (ORT GenAI's never does)
     bos_token_id: int | None
-    fp32_seconds: float | None = None  # two-step CPU builds: the fp32 step, then the quantizer
+    fp32_seconds: float | None = None  # two-step builds: the base (fp32/fp16) step, then the quantizer
     fp32_peak_rss_bytes: int | None = None
     quantize_seconds: float | None = None
     quantize_peak_rss_bytes: int | None = None
 
 
 @dataclass
-class _Fp32Build:
-    """The CPU fp32 model of one ``build`` call, made once and shared by its variants."""
+class _BaseBuild:
+    """A target's unquantized model of one ``build`` call, made once and shared by its variants."""
 
+    target: str
     folder: Path
     run: ToolRun | None = None
+
+    @property
+    def precision(self) -> str:
+        return BASE_PRECISION[self.target]
 
 
 class OnnxBackend(Backend):
@@ -183,27 +192,33 @@ class OnnxBackend(Backend):
     def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> dict[str, Built]:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
         bos = {"adds_bos": hf_tokenizer_adds_bos(snapshot.path), "bos_token_id": snapshot.config.get("bos_token_id")}
-        fp32 = _Fp32Build(workdir / "cpu-fp32")
+        bases: dict[str, _BaseBuild] = {}
+        # one target's base build on disk at a time; its quantized variants before the one that takes the base
+        # build's files as hard links (onnx refuses to read external data through a file with several links)
+        order = sorted(variants, key=lambda v: (list(TARGETS).index(v.target), not self.two_step(v)))
         built = {}
-        for v in variants:
+        for i, v in enumerate(order):
             out = repo_dir / v.path
             out.mkdir(parents=True, exist_ok=True)
+            base = bases.setdefault(v.target, _BaseBuild(v.target, workdir / f"{v.target}-base"))
             if self.two_step(v):
-                details = self._quantize_fp32(snapshot, v, out, fp32, workdir, env, log)
-            elif v.target == "cpu" and v.native == "fp32":
-                run = self._cpu_fp32(snapshot, fp32, workdir, env, log)
-                for f in fp32.folder.iterdir():
+                details = self._quantize_base(snapshot, v, out, base, workdir, env, log)
+            elif v.native == BASE_PRECISION.get(v.target) and not v.options:
+                run = self._base(snapshot, base, workdir, env, log)
+                for f in base.folder.iterdir():
                     _link_or_copy(f, out / f.name)
-                details = {"builder": "-p fp32 -e cpu", "extra_options": [], "seconds": run.seconds,
+                details = {"builder": f"-p {base.precision} -e {v.target}", "extra_options": [], "seconds": run.seconds,
                            "peak_rss_bytes": run.peak_rss_bytes}
             else:
                 extra = builder_options(v.native, v.target, v.options)
                 run = self._run_builder(snapshot, v.id, v.native, v.target, extra, out, workdir, env, log)
                 details = {"builder": f"-p {v.native} -e {v.target}", "extra_options": extra, "seconds": run.seconds,
                            "peak_rss_bytes": run.peak_rss_bytes}
+            if base.run and all(later.target != v.target for later in order[i + 1:]):
+                shutil.rmtree(base.folder, ignore_errors=True)  # the variants' own copies are hard links
             for name in TOKENIZER_FILES:  # the source's own files: older loaders read them, the builder re-saves
                 if (snapshot.path / name).is_file():
-                    (out / name).unlink(missing_ok=True)  # may be a link to the shared fp32 build
+                    (out / name).unlink(missing_ok=True)  # may be a link to the shared base build
                     shutil.copyfile(snapshot.path / name, out / name)
             files = sorted(f.relative_to(repo_dir).as_posix() for f in out.rglob("*") if f.is_file())
             seconds = details.pop("seconds")
@@ -213,9 +228,9 @@ class OnnxBackend(Backend):
 
     @staticmethod
     def two_step(v) -> bool:
-        """CPU int4/int8 with the builder's default quantizer: fp32 model first, then quantized."""
+        """int4/int8 with the builder's default quantizer: the target's base model first, then quantized."""
         s = quant_settings(v.target, v.options) if v.native in ("int4", "int8") else {}
-        return v.target == "cpu" and bool(s) and s["algo"] == "rtn" and not s["quantize_embeddings"]
+        return bool(s) and v.target in BASE_PRECISION and s["algo"] == "rtn" and not s["quantize_embeddings"]
 
     def _run_builder(self, snapshot, vid: str, native: str, target: str, extra: list[str], out: Path, workdir: Path,
                      env: dict[str, str], log: Log) -> ToolRun:
@@ -226,28 +241,29 @@ class OnnxBackend(Backend):
         return run_tool(cmd, workdir / f"{vid}.log", what=f"the onnxruntime-genai builder for {vid}", log=log, env=env,
                         check=(out / "genai_config.json").is_file)
 
-    def _cpu_fp32(self, snapshot, fp32: _Fp32Build, workdir: Path, env: dict[str, str], log: Log) -> ToolRun:
-        if fp32.run is None:
-            fp32.run = self._run_builder(snapshot, "cpu-fp32", "fp32", "cpu", [], fp32.folder, workdir, env, log)
-        return fp32.run
+    def _base(self, snapshot, base: _BaseBuild, workdir: Path, env: dict[str, str], log: Log) -> ToolRun:
+        if base.run is None:
+            base.run = self._run_builder(snapshot, base.folder.name, base.precision, base.target, [], base.folder,
+                                         workdir, env, log)
+        return base.run
 
-    def _quantize_fp32(self, snapshot, v, out: Path, fp32: _Fp32Build, workdir: Path, env: dict[str, str],
+    def _quantize_base(self, snapshot, v, out: Path, base: _BaseBuild, workdir: Path, env: dict[str, str],
                        log: Log) -> dict[str, Any]:
-        first = self._cpu_fp32(snapshot, fp32, workdir, env, log)
+        first = self._base(snapshot, base, workdir, env, log)
         s = quant_settings(v.target, v.options)
         bits = 4 if v.native == "int4" else 8
-        log(f"{v.id}: MatMulNBitsQuantizer on the fp32 model: {bits} bits, block {s['block_size']}, "
+        log(f"{v.id}: MatMulNBitsQuantizer on the {base.precision} model: {bits} bits, block {s['block_size']}, "
             f"accuracy level {s['accuracy_level']}, {'symmetric' if s['is_symmetric'] else 'asymmetric'}")
-        cmd = [sys.executable, "-c", QUANTIZER, str(fp32.folder), str(out), str(bits), str(s["block_size"]),
+        cmd = [sys.executable, "-c", QUANTIZER, str(base.folder), str(out), str(bits), str(s["block_size"]),
                str(s["is_symmetric"]), str(s["accuracy_level"])]
         run = run_tool(cmd, workdir / f"{v.id}.log", what=f"quantizing {v.id}", log=log, env=env,
                        check=(out / "model.onnx").is_file)
-        for f in fp32.folder.iterdir():  # genai_config.json (the same for fp32 and int4 on CPU), tokenizer files
+        for f in base.folder.iterdir():  # genai_config.json (the same as the builder's int4 one), tokenizer files
             if not f.name.startswith("model.onnx"):
                 shutil.copyfile(f, out / f.name)
         return {"seconds": round(run.seconds + first.seconds, 2),
                 "peak_rss_bytes": max(run.peak_rss_bytes, first.peak_rss_bytes),
-                "builder": "-p fp32 -e cpu, then onnxruntime's MatMulNBitsQuantizer",
+                "builder": f"-p {base.precision} -e {v.target}, then onnxruntime's MatMulNBitsQuantizer",
                 "extra_options": builder_options(v.native, v.target, v.options),
                 "fp32_seconds": first.seconds, "fp32_peak_rss_bytes": first.peak_rss_bytes,
                 "quantize_seconds": run.seconds, "quantize_peak_rss_bytes": run.peak_rss_bytes}
