@@ -146,7 +146,7 @@ def test_publish_phi4_edge_refused_before_anything(phi4_shaped, tmp_path, monkey
             "validation ~47.3 GB (+ ~17.5 GB for the variant in onnxruntime-genai)") in message
     assert "  openvino-int4_asym: build ~39.1 GB (optimum-intel's OpenVINO export (int4)); validation" in message
     assert "  gguf-Q4_K_M: build ~3.0 GB (llama.cpp's converter to F16/BF16); validation ~41.9 GB" in message
-    assert "  onnx-gpu-int4-rtn-block-32: build ~108.0 GB" in message  # not run here: no runtime in its validation
+    assert "  onnx-gpu-int4-rtn-block-32: build ~39.1 GB (the onnxruntime-genai builder's fp16 model)" in message
     assert "on the disk of" in message and "which has 50.0 GB free" in message
     assert "run on a machine with 148.1 GB of memory" in message  # onnx-cpu-fp32: its fp32 model in ORT
     assert "--no-preflight" in message and "--workdir" in message
