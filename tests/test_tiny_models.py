@@ -29,16 +29,15 @@ from tests.fixtures import (  # noqa: E402
 from tests.fixtures.cache import builder_fingerprint  # noqa: E402
 from tests.fixtures.tokenizers import GPT2_TIKTOKEN_MEMBER, gpt2_tiktoken_path  # noqa: E402
 
-# building the three kinds (and once more for determinism) takes minutes: CI runs these with -m slow
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "tiny-phi3"
 MIN_NEW_TOKENS = 12
 MIN_MARGIN = 2.0  # logits between the greedy token and the runner-up, over the first 12 new tokens
 
 
-@pytest.fixture(scope="module", params=KINDS)
+# Building the three kinds (and once more for determinism) takes minutes: the tests that build a model are
+# marked slow (CI runs them with -m slow); those that read the recipe, the cache or the checked-in example are not.
+@pytest.fixture(scope="module", params=[pytest.param(kind, marks=pytest.mark.slow) for kind in KINDS])
 def model_dir(request) -> Path:
     return cached_tiny_model(request.param)
 
@@ -222,6 +221,7 @@ def test_model_card_marks_a_synthetic_mit_model(model_dir):
     assert "synthetic test model" in card
 
 
+@pytest.mark.slow
 def test_cached_model_is_reused(tmp_path):
     first = cached_tiny_model("phi3")
     stamp = (first / "model.safetensors").stat().st_mtime_ns
@@ -280,6 +280,7 @@ def test_gpt2_ranks_in_hubbots_cache_are_checked(monkeypatch):
         gpt2_tiktoken_path()
 
 
+@pytest.mark.slow
 def test_build_is_deterministic(tmp_path):
     a = build_tiny_model("phi3", tmp_path / "a", steps=3)
     b = build_tiny_model("phi3", tmp_path / "b", steps=3)
