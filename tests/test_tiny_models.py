@@ -298,8 +298,6 @@ def test_command_line_help():
 
 
 @pytest.mark.skipif(not EXAMPLE.is_dir(), reason="examples/tiny-phi3 not generated")
-@pytest.mark.xfail(strict=True, reason="examples/tiny-phi3 was built before the builder's tokenizer-reload fix: "
-                   "its chat answers skip the '▁' its tokenizer writes; regenerate it and drop this marker")
 def test_checked_in_example_is_a_working_phi3_fixture():
     size = sum(p.stat().st_size for p in EXAMPLE.rglob("*") if p.is_file())
     assert size <= 10 * 1024 * 1024
