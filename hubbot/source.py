@@ -62,9 +62,9 @@ class Snapshot:
 
 def resolve(spec: str, families: dict[str, Family], family: str | None = None) -> SourceRef:
     """Turn SOURCE into a SourceRef without touching the network."""
-    candidates = [families[family]] if family else list(families.values())
     if family and family not in families:
         raise UsageError(f"unknown family '{family}'; known: {', '.join(families)}")
+    candidates = [families[family]] if family else list(families.values())
     for fam in candidates:
         if spec in fam.models:
             m = fam.models[spec]

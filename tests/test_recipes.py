@@ -167,6 +167,15 @@ def test_unknown_recipe_name(tiny_phi3):
     assert "no recipe 'laptop'" in result.stderr and "edge" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["plan", "phi-4"], ["publish", "phi-4", "--out", "unused"],
+                                     ["build", "phi-4", "--variant", "gguf-Q4_K_M", "--out", "unused"]])
+def test_unknown_family_lists_the_known_ones(command, hub_env):
+    result = CliRunner().invoke(main, [*command, "--family", "nope"])
+    assert result.exit_code == 2, result.output
+    assert "unknown family 'nope'; known: phi" in result.stderr and "Traceback" not in result.output
+    assert not hub_env.requests
+
+
 def test_missing_toolchain_names_the_extra_to_install(tiny_phi3, monkeypatch, tmp_path):
     """A format whose toolchain is not importable fails before any work, naming the pip extra."""
     from hubbot.backends.mlx import MLXBackend
