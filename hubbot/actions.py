@@ -14,13 +14,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from .secrets import redact
+
 
 def active() -> bool:
     return os.environ.get("GITHUB_ACTIONS") == "true"
 
 
 def _clean(text: str) -> str:
-    from .cli._output import redact
 
     return redact(str(text))
 

@@ -1,11 +1,12 @@
 """Split builds: one variant per job (``hubbot build --variant``), one publish of them all
 (``hubbot publish --from-artifacts``).
 
-A build folder holds ``build.json`` (the source, recipe, variant, its card row, its validation
-report, the reference and tool versions) and ``files/`` (the variant's files at their paths in
-the repo). Publishing re-plans the recipe offline, checks that every variant of a repo is there
-and passed, and writes the same card, validation.json and hubbot.json (same ``key``) that a
-single-machine ``hubbot publish`` would, then pushes each repo in one commit.
+A build folder holds ``build.json`` (the variant's share of its repo's ``RepoRecord``: source,
+recipe, its result and validation report, the reference and tool versions) and ``files/`` (the
+variant's files at their paths in the repo). Publishing re-plans the recipe offline, checks that
+every variant of a repo is there and passed, and stages and pushes each repo exactly as a
+single-machine ``hubbot publish`` does (same record, so the same card, validation.json and
+hubbot.json).
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .backends import get_backend
 from .errors import UsageError
-from .pipeline import Publisher, RepoOutcome, _row, prepare, select, write_metadata
+from .pipeline import RepoOutcome, build_and_validate, prepare, publish_staged, select, stage_repo, up_to_date
 from .plan import Plan, RepoPlan, make_plan
-from .recipe import Family, stable_hash
-from .source import Snapshot, SourceRef
+from .publish import Target
+from .recipe import Family
+from .record import BUILD_FILE, RepoRecord, SourceInfo, VariantResult, build_json
+from .reference import LazyReference
+from .source import SourceRef
 
-BUILD_FILE = "build.json"
 Log = Callable[[str], None]
 
 
@@ -36,13 +38,21 @@ class VariantBuild:
     data: dict[str, Any]
 
     @property
+    def result(self) -> VariantResult:
+        return VariantResult.from_dict(self.data["result"])
+
+    @property
+    def variant_id(self) -> str:
+        return self.data["result"]["variant"]["id"]
+
+    @property
     def passed(self) -> bool:
-        return bool(self.data["report"]["passed"])
+        return bool(self.data["result"]["report"]["passed"])
 
 
 def build_variant(spec: str, recipe_name: str | None, variant_id: str, out: Path, families: dict[str, Family],
                   family: str | None = None, api: Any = None, log: Log = print,
-                  workdir: Path | None = None) -> VariantBuild:
+                  workdir: Path | None = None, reference_file: Path | None = None) -> VariantBuild:
     """Build and validate ONE variant of SOURCE × RECIPE into ``out``."""
     ref, recipe = select(spec, recipe_name, families, family)
     offline = make_plan(ref, recipe)
@@ -57,29 +67,19 @@ def build_variant(spec: str, recipe_name: str | None, variant_id: str, out: Path
     if out.exists():
         shutil.rmtree(out)
     (out / "files").mkdir(parents=True)
-    publisher = Publisher(None, log=log, workdir=workdir)
-    try:
-        with tempfile.TemporaryDirectory(prefix="hubbot-", dir=workdir) as tmp:
-            work = Path(tmp)
-            [built] = backend.build(snapshot, [variant], out / "files", work, log)
-            report = publisher._validate(backend, variant, built, snapshot, out / "files")
-            row = _row(variant, built, report, out / "files")
-            reference = publisher.reference(snapshot).summary() if publisher._reference else []
-    finally:
-        if publisher._reference:
-            publisher._reference.close()
-    ref_data = {"spec": ref.spec, "repo_id": ref.repo_id, "public_name": ref.public_name,
-                "model_name": ref.model_name, "license": ref.license, "local": ref.is_local}
-    data = {"hubbot": __version__, "variant": variant_id, "repo": repo.name, "format": repo.format,
-            "family": ref.family.name, "recipe": recipe.name, "parameters": plan.parameters,
-            "source": {**ref_data, "commit": snapshot.commit, "config": snapshot.config,
-                       "license": snapshot.license, "card_data": snapshot.card_data},
-            "files": built.files, "row": row, "report": report.to_dict(), "reference": reference,
-            "tools": backend.tool_versions()}
-    (out / BUILD_FILE).write_text(json.dumps(data, indent=2, default=str))
-    verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.reasons)
+    reference = LazyReference(snapshot, log, reference_file)
+    if reference_file:
+        reference.get()  # a reference of another source is refused before anything is built
+    with tempfile.TemporaryDirectory(prefix="hubbot-", dir=workdir) as tmp:
+        results = build_and_validate(backend, [variant], snapshot, out / "files", Path(tmp), reference, log)
+    record = RepoRecord(repo.name, plan, repo, SourceInfo.from_snapshot(snapshot), results, reference.summary(),
+                        backend.tool_versions())
+    (out / BUILD_FILE).write_text(build_json(record, variant_id))
+    build = VariantBuild(out, json.loads((out / BUILD_FILE).read_text()))
+    report = results[variant_id].report
+    verdict = "passed" if report["passed"] else "FAILED: " + "; ".join(report["reasons"])
     log(f"{variant_id}: built into {out} — {verdict}")
-    return VariantBuild(out, data)
+    return build
 
 
 def load_builds(folder: Path) -> list[VariantBuild]:
@@ -89,17 +89,13 @@ def load_builds(folder: Path) -> list[VariantBuild]:
     return builds
 
 
-def _source_ref(src: dict[str, Any], family: Family) -> SourceRef:
-    if src["local"]:
-        return SourceRef(src["spec"], family, src["model_name"], path=Path(src["public_name"]),
-                         license=src["license"])
-    return SourceRef(src["spec"], family, src["model_name"], repo_id=src["repo_id"], revision=src["commit"],
-                     license=src["license"])
+def _source_ref(source: SourceInfo, family: Family) -> SourceRef:
+    """The source as the plan needs it (family and model name); its files are not needed here."""
+    return SourceRef(source.spec, family, source.model_name, repo_id=source.repo_id,
+                     path=None if source.repo_id else Path(source.public_name), license=source.license)
 
 
-def publish_builds(builds: list[VariantBuild], families: dict[str, Family], target, log: Log = print,
-                   force: bool = False) -> list[RepoOutcome]:
-    """Assemble each repo from its variants' builds and push it in one commit."""
+def _check_same_run(builds: list[VariantBuild]) -> None:
     first = builds[0].data
     for b in builds:
         if (b.data["source"]["commit"], b.data["recipe"], b.data["family"]) != \
@@ -107,50 +103,43 @@ def publish_builds(builds: list[VariantBuild], families: dict[str, Family], targ
             raise UsageError(f"{b.folder}: built from {b.data['source']['commit'][:12]} with recipe "
                              f"'{b.data['recipe']}', but {builds[0].folder} from "
                              f"{first['source']['commit'][:12]} with '{first['recipe']}'; publish one run at a time")
+
+
+def publish_builds(builds: list[VariantBuild], families: dict[str, Family], target: Target, log: Log = print,
+                   force: bool = False) -> list[RepoOutcome]:
+    """Assemble each repo from its variants' builds and push it in one commit."""
+    _check_same_run(builds)
+    first = builds[0].data
     if first["family"] not in families:
         raise UsageError(f"the builds are of family '{first['family']}', which no recipe file defines")
     family = families[first["family"]]
-    ref = _source_ref(first["source"], family)
-    plan = make_plan(ref, family.recipe(first["recipe"]), first["parameters"])
-    src = first["source"]
-    snapshot = Snapshot(ref, builds[0].folder, src["commit"], src["config"], src["license"], src["card_data"])
-    by_variant = {b.data["variant"]: b for b in builds}
-    return [_publish_repo(plan, repo, snapshot, by_variant, target, log, force) for repo in plan.repos
+    source = SourceInfo(**first["source"])
+    plan = make_plan(_source_ref(source, family), family.recipe(first["recipe"]), first["parameters"])
+    by_variant = {b.variant_id: b for b in builds}
+    return [_publish_repo(plan, repo, source, by_variant, target, log, force) for repo in plan.repos
             if any(v.id in by_variant for v in repo.variants)]
 
 
-def _publish_repo(plan: Plan, repo: RepoPlan, snapshot: Snapshot, by_variant: dict[str, VariantBuild],
-                  target, log: Log, force: bool) -> RepoOutcome:
+def _publish_repo(plan: Plan, repo: RepoPlan, source: SourceInfo, by_variant: dict[str, VariantBuild],
+                  target: Target, log: Log, force: bool) -> RepoOutcome:
     repo_id = repo.repo_id(target.namespace)
     missing = [v.id for v in repo.variants if v.id not in by_variant]
     if missing:
         log(f"{repo_id}: NOT published — no build of {', '.join(missing)}")
         return RepoOutcome(repo_id, "failed", message=f"missing builds: {', '.join(missing)}")
     builds = [by_variant[v.id] for v in repo.variants]
-    failed = [b.data["variant"] for b in builds if not b.passed]
-    if failed:
-        log(f"{repo_id}: NOT published — failed validation: {', '.join(failed)}")
-        return RepoOutcome(repo_id, "failed", message=f"failed validation: {', '.join(failed)}")
     tools = builds[0].data["tools"]
     if any(b.data["tools"] != tools for b in builds):
         return RepoOutcome(repo_id, "failed", message="the variants were built with different tool versions")
-    key = stable_hash({"source": snapshot.commit, "repo": plan.repo_key(repo), "tools": tools})
-    current = target.current_manifest(repo_id)
-    if not force and current and current.get("key") == key:
-        log(f"{repo_id}: up to date (source {snapshot.commit[:12]}, recipe {plan.recipe_hash(repo)})")
+    record = RepoRecord(repo_id, plan, repo, source, {b.variant_id: b.result for b in builds},
+                        builds[0].data["reference"], tools)
+    if not record.failed and up_to_date(target, repo_id, record.key, force):
+        log(f"{repo_id}: up to date (source {source.commit[:12]}, recipe {plan.recipe_hash(repo)})")
         return RepoOutcome(repo_id, "up-to-date")
-    backend = get_backend(repo.format)
     with tempfile.TemporaryDirectory(prefix="hubbot-") as tmp:
         repo_dir = Path(tmp)
         for b in builds:
-            for rel in b.data["files"]:
+            for rel in b.data["result"]["files"]:
                 (repo_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(b.folder / "files" / rel, repo_dir / rel)
-        write_metadata(plan, repo, repo_id, snapshot, backend, [b.data["row"] for b in builds],
-                       [b.data["report"] for b in builds], builds[0].data["reference"], tools, key, repo_dir)
-        message = f"hubbot: {plan.recipe.name} variants of {snapshot.ref.public_name} ({snapshot.commit[:12]})"
-        description = f"Built and validated by hubbot {__version__}; see hubbot.json for provenance."
-        log(f"{repo_id}: all {len(builds)} variants passed; publishing to {target.describe(repo_id)}")
-        push = target.push(repo_id, repo_dir, message, description)
-    status = "published" if push.changed else "unchanged"
-    return RepoOutcome(repo_id, status, push=push)
+        return publish_staged(target, stage_repo(record, repo_dir), log)

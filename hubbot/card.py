@@ -9,10 +9,15 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .record import RepoRecord, SourceInfo
 
 DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
@@ -25,25 +30,24 @@ def human_size(n: int | None) -> str:
     if n is None:
         return "?"
     size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
-    return f"{n} B"
+    return f"{size:.1f} TB"
 
 
-def card_metadata(snapshot, backend, extra_tags: list[str] = ()) -> ModelCardData:
-    model_type = snapshot.config.get("model_type")
-    tags = [*backend.tags, *([model_type] if model_type else []), "quantized", "hubbot", *extra_tags]
+def card_metadata(source: SourceInfo, backend) -> ModelCardData:
+    tags = [*backend.tags, *([source.model_type] if source.model_type else []), "quantized", "hubbot"]
     data: dict[str, Any] = {
-        "license": snapshot.license or "other",
+        "license": source.license or "other",
         "library_name": backend.library_name,
         "pipeline_tag": "text-generation",
         "tags": list(dict.fromkeys(tags)),
     }
-    if snapshot.base_model:
-        data.update(base_model=snapshot.base_model, base_model_relation="quantized")
-    language = snapshot.card_data.get("language")
+    if source.base_model:
+        data.update(base_model=source.base_model, base_model_relation="quantized")
+    language = source.card_data.get("language")
     if language:
         data["language"] = language
     return ModelCardData(**data)
@@ -55,18 +59,19 @@ def recommended(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(good, key=lambda r: r["bytes"]) if good else None
 
 
-def render_card(*, repo_id: str, plan, repo, snapshot, backend, rows: list[dict[str, Any]],
-                reference: list[dict[str, Any]], tool_versions: dict[str, str], hubbot_version: str) -> str:
+def render_card(record: RepoRecord) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["size"] = human_size
-    metadata = card_metadata(snapshot, backend)
+    backend, source, plan = record.backend, record.source, record.plan
+    metadata = card_metadata(source, backend)
+    rows = [r.row() for r in record.ordered]
     body = env.get_template(backend.template).render(
-        repo_id=repo_id, model_name=snapshot.ref.model_name, base_model=snapshot.base_model,
-        source=snapshot.ref.public_name, commit=snapshot.commit, license=metadata.license,
-        family=plan.source.family, recipe=plan.recipe, recipe_hash=plan.recipe_hash(repo),
-        rows=rows, recommended=recommended(rows), reference=reference, tools=tool_versions,
-        hubbot_version=hubbot_version, built_at=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        repo_id=record.repo_id, model_name=source.model_name, base_model=source.base_model,
+        source=source.public_name, commit=source.commit, license=metadata.license,
+        family=plan.source.family, recipe=plan.recipe, recipe_hash=plan.recipe_hash(record.repo),
+        rows=rows, recommended=recommended(rows), reference=record.reference, tools=record.tools,
+        hubbot_version=__version__, built_at=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         parameters=plan.parameters,
     )
     content = f"---\n{metadata.to_yaml()}\n---\n\n{body}"

@@ -68,7 +68,7 @@ def _now() -> str:
 
 
 @dataclass
-class Release:
+class LedgerEntry:
     repo: str
     sha: str
     family: str
@@ -141,15 +141,15 @@ class Ledger:
         self.db.execute("COMMIT")
 
     # -- releases
-    def get(self, repo: str, sha: str) -> Release | None:
+    def get(self, repo: str, sha: str) -> LedgerEntry | None:
         row = self.db.execute("SELECT * FROM releases WHERE repo=? AND sha=?", (repo, sha)).fetchone()
-        return Release(**dict(row)) if row else None
+        return LedgerEntry(**dict(row)) if row else None
 
-    def releases(self) -> list[Release]:
+    def releases(self) -> list[LedgerEntry]:
         rows = self.db.execute("SELECT * FROM releases ORDER BY first_seen, repo, updated").fetchall()
-        return [Release(**dict(r)) for r in rows]
+        return [LedgerEntry(**dict(r)) for r in rows]
 
-    def should_try(self, release: Release | None, max_attempts: int) -> bool:
+    def should_try(self, release: LedgerEntry | None, max_attempts: int) -> bool:
         if release is None:
             return True
         if release.status in DONE:

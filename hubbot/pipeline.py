@@ -1,26 +1,31 @@
-"""The whole path for one source and recipe: plan → build → validate → card → publish."""
+"""The whole path for one source and recipe: plan → build → validate → card → publish.
+
+Each step is a public function: ``select`` (offline: source, recipe, toolchains), ``prepare``
+(download and plan), ``build_and_validate`` (one repo's variants), ``stage_repo`` (the repo
+folder with its card, validation.json and hubbot.json) and ``publish_staged`` (one commit, or
+nothing when a variant failed). ``Publisher`` runs them for every repo of a plan; a fanned-out
+publish (``artifacts``) runs the same steps on builds made elsewhere.
+"""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .backends import get_backend
-from .backends.base import Backend, Built
-from .card import render_card
+from .backends import Backend, get_backend
 from .errors import BuildError
 from .paths import cache_root
-from .plan import Plan, RepoPlan, count_parameters, make_plan
-from .publish import MANIFEST, REPORT, PushResult, file_digest, folder_files
-from .recipe import Family, Recipe, stable_hash
+from .plan import Plan, RepoPlan, Variant, count_parameters, make_plan
+from .publish import REPORT, PushResult, Target
+from .recipe import Family, Recipe
+from .record import RepoRecord, SourceInfo, VariantResult, repo_key
+from .reference import LazyReference
 from .source import Snapshot, SourceRef, fetch, resolve
-from .validate import Reference, VariantReport, validate_variant
+from .validate import VariantReport, validate_variant
 
 Log = Callable[[str], None]
 
@@ -29,9 +34,17 @@ Log = Callable[[str], None]
 class RepoOutcome:
     repo_id: str
     status: str  # published | up-to-date | unchanged | failed
-    reports: list[VariantReport] = field(default_factory=list)
+    reports: list[VariantReport | dict[str, Any]] = field(default_factory=list)
     push: PushResult | None = None
     message: str = ""
+
+
+@dataclass
+class StagedRepo:
+    """A repo folder exactly as it would be pushed, and the record it was rendered from."""
+
+    record: RepoRecord
+    folder: Path
 
 
 def select(spec: str, recipe_name: str | None, families: dict[str, Family],
@@ -50,115 +63,99 @@ def prepare(ref: SourceRef, recipe: Recipe, api: Any = None) -> tuple[Plan, Snap
     return make_plan(ref, recipe, count_parameters(snapshot.path)), snapshot
 
 
-def build_key(plan: Plan, repo: RepoPlan, snapshot: Snapshot, backend: Backend) -> str:
-    return stable_hash({"source": snapshot.commit, "repo": plan.repo_key(repo), "tools": backend.tool_versions()})
+def validate_built(backend: Backend, variant: Variant, snapshot: Snapshot, repo_dir: Path,
+                   reference: LazyReference, log: Log) -> VariantReport:
+    """Inspect one built variant, then run it in its runtime against the source's reference."""
+    log(f"{variant.id}: checking the file and running it in its runtime")
+    try:
+        inspection = backend.inspect(snapshot, variant, repo_dir)
+    except BuildError as e:
+        return VariantReport(variant.id, variant.native, variant.min_agreement, False, False, reasons=[str(e)])
+    report = validate_variant(backend.load(variant, repo_dir), reference.get(), variant, inspection, log)
+    verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.reasons)
+    log(f"{variant.id}: agreement {report.agreement} (threshold {report.threshold}) — {verdict}")
+    return report
 
 
-def _row(variant, built: Built, report: VariantReport, repo_dir: Path) -> dict[str, Any]:
-    divergence = ", ".join("—" if p.first_divergence is None else str(p.first_divergence) for p in report.prompts)
-    return {
-        "id": variant.id, "path": variant.path, "native": variant.native,
-        "precision_class": variant.precision_class, "target": variant.target,
-        "bytes": sum((repo_dir / f).stat().st_size for f in built.files),
-        "agreement": report.agreement, "threshold": report.threshold, "passed": report.passed,
-        "executed": report.executed,
-        "tokens_match": all(p.tokens_match for p in report.prompts) if report.executed else None,
-        "divergence": divergence or "—", "details": built.details, "build_seconds": round(built.seconds, 2),
-    }
+def build_and_validate(backend: Backend, variants: Sequence[Variant], snapshot: Snapshot, repo_dir: Path,
+                       workdir: Path, reference: LazyReference, log: Log) -> dict[str, VariantResult]:
+    """Build ``variants`` into ``repo_dir`` with their backend and validate each; results by variant id."""
+    built = backend.build(snapshot, variants, repo_dir, workdir, log)
+    missing = [v.id for v in variants if v.id not in built]
+    if missing:
+        raise BuildError(f"the {backend.name} backend built no {', '.join(missing)}")
+    results = {}
+    for v in variants:
+        b = built[v.id]
+        report = validate_built(backend, v, snapshot, repo_dir, reference, log)
+        results[v.id] = VariantResult(v, b.files, sum((repo_dir / f).stat().st_size for f in b.files), b.seconds,
+                                      b.details.to_dict(), report.to_dict())
+    return results
+
+
+def stage_repo(record: RepoRecord, repo_dir: Path) -> StagedRepo:
+    """Write the record's card, validation.json and hubbot.json beside the variants' files."""
+    record.write(repo_dir)
+    return StagedRepo(record, repo_dir)
+
+
+def publish_staged(target: Target, staged: StagedRepo, log: Log) -> RepoOutcome:
+    """Push a staged repo in one commit, unless a variant failed (then keep its report, push nothing)."""
+    record, repo_id = staged.record, staged.record.repo_id
+    reports = [r.report for r in record.ordered]
+    if record.failed:
+        names = ", ".join(record.failed)
+        kept = _keep_failed_report(staged)
+        log(f"{repo_id}: NOT published — failed validation: {names}; report kept in {kept}")
+        return RepoOutcome(repo_id, "failed", reports, message=f"failed validation: {names}")
+    log(f"{repo_id}: all {len(reports)} variants passed; publishing to {target.describe(repo_id)}")
+    push = target.push(repo_id, staged.folder, record.commit_message, record.commit_description)
+    if not push.changed:
+        log(f"{repo_id}: rebuilt files are identical to the published ones; nothing changed, no commit")
+        return RepoOutcome(repo_id, "unchanged", reports, push)
+    log(f"{repo_id}: " + (f"opened pull request {push.pr_url}" if push.pr_url else f"published to {push.url}"))
+    return RepoOutcome(repo_id, "published", reports, push)
+
+
+def _keep_failed_report(staged: StagedRepo) -> Path:
+    kept = cache_root() / "failed" / staged.record.repo.name
+    shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir(parents=True)
+    for name in (REPORT, "README.md"):
+        shutil.copyfile(staged.folder / name, kept / name)
+    return kept
+
+
+def up_to_date(target: Target, repo_id: str, key: str, force: bool) -> bool:
+    current = target.current_manifest(repo_id)
+    return not force and bool(current) and current.get("key") == key
 
 
 class Publisher:
     """Runs the pipeline for every repo of a plan against one target (Hub or folder)."""
 
-    def __init__(self, target, *, log: Log = print, force: bool = False, workdir: Path | None = None):
+    def __init__(self, target: Target, *, log: Log = print, force: bool = False, workdir: Path | None = None):
         self.target = target
         self.log = log
         self.force = force
         self.workdir = Path(workdir) if workdir else None
-        self._reference: Reference | None = None
 
     def run(self, plan: Plan, snapshot: Snapshot) -> list[RepoOutcome]:
-        try:
-            return [self.run_repo(plan, repo, snapshot) for repo in plan.repos]
-        finally:
-            if self._reference:
-                self._reference.close()
+        reference = LazyReference(snapshot, self.log)
+        return [self.run_repo(plan, repo, snapshot, reference) for repo in plan.repos]
 
-    def reference(self, snapshot: Snapshot) -> Reference:
-        if self._reference is None:
-            self.log(f"running the source model in transformers on {len(snapshot.ref.family.validation.prompts)} prompts")
-            self._reference = Reference(snapshot.path, snapshot.ref.family.validation)
-        return self._reference
-
-    def run_repo(self, plan: Plan, repo: RepoPlan, snapshot: Snapshot) -> RepoOutcome:
+    def run_repo(self, plan: Plan, repo: RepoPlan, snapshot: Snapshot, reference: LazyReference) -> RepoOutcome:
         backend = get_backend(repo.format)
         repo_id = repo.repo_id(self.target.namespace)
-        key = build_key(plan, repo, snapshot, backend)
-        current = self.target.current_manifest(repo_id)
-        if not self.force and current and current.get("key") == key:
+        tools = backend.tool_versions()
+        if up_to_date(self.target, repo_id, repo_key(plan, repo, snapshot.commit, tools), self.force):
             self.log(f"{repo_id}: up to date (source {snapshot.commit[:12]}, recipe {plan.recipe_hash(repo)})")
             return RepoOutcome(repo_id, "up-to-date")
         with tempfile.TemporaryDirectory(prefix="hubbot-", dir=self.workdir) as tmp:
             repo_dir, work = Path(tmp) / "repo", Path(tmp) / "work"
             repo_dir.mkdir()
             work.mkdir()
-            built = backend.build(snapshot, repo.variants, repo_dir, work, self.log)
-            reports = [self._validate(backend, v, b, snapshot, repo_dir) for v, b in zip(repo.variants, built, strict=True)]
-            rows = [_row(v, b, r, repo_dir) for v, b, r in zip(repo.variants, built, reports, strict=True)]
-            self._write_metadata(plan, repo, repo_id, snapshot, backend, rows, reports, key, repo_dir)
-            failed = [r for r in reports if not r.passed]
-            if failed:
-                names = ", ".join(r.variant_id for r in failed)
-                kept = cache_root() / "failed" / repo.name
-                shutil.rmtree(kept, ignore_errors=True)
-                kept.mkdir(parents=True)
-                for name in (REPORT, "README.md"):
-                    shutil.copyfile(repo_dir / name, kept / name)
-                self.log(f"{repo_id}: NOT published — failed validation: {names}; report kept in {kept}")
-                return RepoOutcome(repo_id, "failed", reports, message=f"failed validation: {names}")
-            self.log(f"{repo_id}: all {len(reports)} variants passed; publishing to {self.target.describe(repo_id)}")
-            message = f"hubbot: {plan.recipe.name} variants of {snapshot.ref.public_name} ({snapshot.commit[:12]})"
-            description = f"Built and validated by hubbot {__version__}; see hubbot.json for provenance."
-            push = self.target.push(repo_id, repo_dir, message, description)
-            if not push.changed:
-                self.log(f"{repo_id}: rebuilt files are identical to the published ones; nothing changed, no commit")
-                return RepoOutcome(repo_id, "unchanged", reports, push)
-            self.log(f"{repo_id}: " + (f"opened pull request {push.pr_url}" if push.pr_url else f"published to {push.url}"))
-            return RepoOutcome(repo_id, "published", reports, push)
-
-    def _validate(self, backend: Backend, variant, built: Built, snapshot: Snapshot, repo_dir: Path) -> VariantReport:
-        self.log(f"{variant.id}: checking the file and running it in its runtime")
-        try:
-            inspection = backend.inspect(snapshot, variant, repo_dir)
-        except BuildError as e:
-            return VariantReport(variant.id, variant.native, variant.min_agreement, False, False, reasons=[str(e)])
-        reference = self.reference(snapshot)
-        report = validate_variant(backend.load(variant, repo_dir), reference, variant, inspection)
-        verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.reasons)
-        self.log(f"{variant.id}: agreement {report.agreement} (threshold {report.threshold}) — {verdict}")
-        return report
-
-    def _write_metadata(self, plan, repo, repo_id, snapshot, backend, rows, reports, key, repo_dir: Path) -> None:
-        reference = self.reference(snapshot).summary() if self._reference else []
-        write_metadata(plan, repo, repo_id, snapshot, backend, rows, [r.to_dict() for r in reports], reference,
-                       backend.tool_versions(), key, repo_dir)
-
-
-def write_metadata(plan, repo, repo_id, snapshot, backend, rows, reports: list[dict[str, Any]],
-                   reference: list[dict[str, Any]], tools: dict[str, str], key: str, repo_dir: Path) -> None:
-    """validation.json, the README.md card and the hubbot.json manifest of a staged repo folder."""
-    (repo_dir / REPORT).write_text(json.dumps({
-        "source": snapshot.ref.public_name, "commit": snapshot.commit,
-        "reference": reference, "variants": reports,
-    }, indent=2, default=str))
-    (repo_dir / "README.md").write_text(render_card(
-        repo_id=repo_id, plan=plan, repo=repo, snapshot=snapshot, backend=backend, rows=rows,
-        reference=reference, tool_versions=tools, hubbot_version=__version__))
-    files = {f.relative_to(repo_dir).as_posix(): {"sha256": file_digest(f), "size": f.stat().st_size}
-             for f in folder_files(repo_dir)}
-    (repo_dir / MANIFEST).write_text(json.dumps({
-        "hubbot": __version__, "key": key,
-        "source": {"spec": snapshot.ref.public_name, "repo": snapshot.base_model, "commit": snapshot.commit},
-        "recipe": {"family": plan.source.family.name, "name": plan.recipe.name, "hash": plan.recipe_hash(repo)},
-        "tools": tools, "variants": [v.id for v in repo.variants], "files": files,
-    }, indent=2))
+            results = build_and_validate(backend, repo.variants, snapshot, repo_dir, work, reference, self.log)
+            record = RepoRecord(repo_id, plan, repo, SourceInfo.from_snapshot(snapshot), results,
+                                reference.summary(), tools)
+            return publish_staged(self.target, stage_repo(record, repo_dir), self.log)

@@ -71,15 +71,19 @@ class Plan:
             return None
         return int(self.parameters * variant.bits_per_weight / 8)
 
-    def to_json(self, namespace: str) -> str:
+    def to_json(self, namespace: str, estimates: dict[str, dict[str, Any]] | None = None, **extra: Any) -> str:
+        """``estimates``: more fields per variant id (the preflight's); ``extra``: more top-level fields."""
+        estimates = estimates or {}
         return json.dumps({
             "source": self.source.display,
             "family": self.source.family.name,
             "recipe": self.recipe.name,
             "repos": [{
                 "repo_id": r.repo_id(namespace), "format": r.format, "recipe_hash": self.recipe_hash(r),
-                "variants": [{**v.to_dict(), "estimated_bytes": self.estimated_bytes(v)} for v in r.variants],
+                "variants": [{**v.to_dict(), "estimated_bytes": self.estimated_bytes(v), **estimates.get(v.id, {})}
+                             for v in r.variants],
             } for r in self.repos],
+            **extra,
         }, indent=2)
 
 
@@ -116,9 +120,10 @@ def make_plan(source: SourceRef, recipe: Recipe, parameters: int | None = None) 
             continue  # the same variant named twice (e.g. int4 and Q4_K_M) is built once
         seen.add(variant.id)
         repo = repos.setdefault(repo_name, RepoPlan(repo_name, spec.format))
-        if repo.format != spec.format or any(v.path == variant.path for v in repo.variants):
+        clash = next((v for v in repo.variants if v.path == variant.path or repo.format != spec.format), None)
+        if clash:
             raise RecipeError(source.family.path, f"naming.{spec.format}",
-                              f"variants {variant.id} and {repo.variants[0].id} both land at "
+                              f"variants {variant.id} and {clash.id} both land at "
                               f"{repo_name}/{variant.path}; make the templates tell them apart")
         repo.variants.append(variant)
     return Plan(source, recipe, list(repos.values()), parameters)
@@ -126,11 +131,15 @@ def make_plan(source: SourceRef, recipe: Recipe, parameters: int | None = None) 
 
 def count_parameters(model_dir: Path) -> int | None:
     """Parameter count from safetensors headers (no tensor data is read)."""
+    return sum(parameters_by_dtype(model_dir).values()) or None
+
+
+def parameters_by_dtype(model_dir: Path) -> dict[str, int]:
+    """Parameters per safetensors dtype ("BF16": 14_659_507_200, …) from the headers only."""
     import struct
 
-    total = 0
-    files = list(Path(model_dir).glob("*.safetensors"))
-    for f in files:
+    counts: dict[str, int] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
         with f.open("rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
@@ -139,5 +148,5 @@ def count_parameters(model_dir: Path) -> int | None:
                 count = 1
                 for d in meta["shape"]:
                     count *= d
-                total += count
-    return total or None
+                counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + count
+    return counts

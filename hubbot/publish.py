@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import PublishError, UsageError
 
@@ -47,6 +47,18 @@ def file_digest(path: Path) -> str:
 
 def folder_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+class Target(Protocol):
+    """Where staged repos go: the Hub (``HubTarget``) or a local folder (``FolderTarget``)."""
+
+    namespace: str
+
+    def describe(self, repo_id: str) -> str: ...
+
+    def current_manifest(self, repo_id: str) -> dict[str, Any] | None: ...
+
+    def push(self, repo_id: str, folder: Path, message: str, description: str) -> PushResult: ...
 
 
 class FolderTarget:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .backends import formats, get_backend
+from .backends import OptionError, formats, get_backend
 from .errors import RecipeError, UsageError
 
 DEFAULT_RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -92,7 +92,6 @@ class Family:
     naming: dict[str, dict[str, str]]
     validation: ValidationSettings
     recipes: dict[str, Recipe]
-    raw: dict[str, Any]
 
     def recipe(self, name: str) -> Recipe:
         if name not in self.recipes:
@@ -189,6 +188,10 @@ def _parse_variant(c: _Checker, raw: Any, key: str) -> VariantSpec:
     options = c.mapping(raw.get("options", {}), f"{key}.options", set(backend.options))
     for name, value in options.items():
         c.typed(value, f"{key}.options.{name}", backend.options[name], backend.options[name].__name__)
+    try:
+        backend.check_options(backend.native_type(precision).name, target, options)
+    except OptionError as e:
+        raise c.fail(f"{key}.options", str(e)) from None
     min_agreement = raw.get("min_agreement")
     if min_agreement is not None:
         c.typed(min_agreement, f"{key}.min_agreement", (int, float), "a number from 0 to 1")
@@ -273,7 +276,7 @@ def load_family(path: Path) -> Family:
         name_patterns=c.string_list(watch.get("name_patterns", []), "watch.name_patterns"),
         default_recipe=default_recipe, naming=naming,
         validation=_parse_validation(c, data.get("validation", {})),
-        recipes=recipes, raw=data,
+        recipes=recipes,
     )
 
 

@@ -59,16 +59,12 @@ class Snapshot:
     def base_model(self) -> str | None:
         return self.ref.repo_id
 
-    @property
-    def architecture(self) -> str:
-        return (self.config.get("architectures") or ["?"])[0]
-
 
 def resolve(spec: str, families: dict[str, Family], family: str | None = None) -> SourceRef:
     """Turn SOURCE into a SourceRef without touching the network."""
-    candidates = [families[family]] if family else list(families.values())
     if family and family not in families:
         raise UsageError(f"unknown family '{family}'; known: {', '.join(families)}")
+    candidates = [families[family]] if family else list(families.values())
     for fam in candidates:
         if spec in fam.models:
             m = fam.models[spec]

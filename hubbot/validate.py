@@ -1,7 +1,7 @@
 """validate: run every variant in its own runtime and compare it with the source model.
 
-The source runs in transformers (fp32, CPU) on the recipe's prompts — plain text and
-chat-templated — and its greedy continuation becomes the reference. Each variant is then
+The source's greedy continuations of the recipe's prompts (``hubbot.reference``) are the
+reference. Each variant is then
 judged on: tokenization parity, teacher-forced top-1 agreement over the reference continuation
 (one forward pass), the first position where its own greedy generation diverges, and the text
 it generates. A variant passes when tokenization matches on every prompt, it generates, and its
@@ -10,26 +10,15 @@ agreement reaches the threshold for its precision.
 
 from __future__ import annotations
 
-import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .backends.base import Runtime
-from .recipe import Prompt, ValidationSettings
+from .reference import Reference
 
-
-@dataclass
-class PreparedPrompt:
-    name: str
-    chat: bool
-    text: str  # exactly what is tokenized (chat prompts already rendered)
-    ids: list[int]
-    continuation: list[int]  # the source model's greedy continuation
-    continuation_text: str
-    min_margin: float  # smallest top-1 minus top-2 logit along the continuation
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -62,88 +51,6 @@ class VariantReport:
         return data
 
 
-class TransformersRuntime:
-    """The source model in transformers: the reference every variant is compared with."""
-
-    def __init__(self, model_dir: Path):
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        eos = self.model.generation_config.eos_token_id
-        self.stop_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
-
-    def render(self, prompt: Prompt) -> str:
-        if not prompt.chat:
-            return prompt.text
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}],
-                                                  tokenize=False, add_generation_prompt=True)
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text).input_ids)
-
-    def logits(self, ids: Sequence[int]):
-        with self.torch.no_grad():
-            return self.model(self.torch.tensor([list(ids)])).logits[0]
-
-    def top1(self, ids: Sequence[int]) -> list[int]:
-        return self.logits(ids).argmax(-1).tolist()
-
-    def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
-        inputs = self.torch.tensor([list(ids)])
-        with self.torch.no_grad():
-            out = self.model.generate(inputs, attention_mask=self.torch.ones_like(inputs), max_new_tokens=max_new_tokens,
-                                      do_sample=False, eos_token_id=list(stop_ids) or None,
-                                      pad_token_id=self.tokenizer.pad_token_id or (list(stop_ids) or [0])[0])
-        return out[0, len(ids):].tolist()
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-    def close(self) -> None:
-        self.model = None
-        gc.collect()
-
-
-class Reference:
-    """The source model's answers to the recipe's prompts, computed once per source."""
-
-    def __init__(self, model_dir: Path, settings: ValidationSettings):
-        self.runtime = TransformersRuntime(model_dir)
-        self.settings = settings
-        self.prompts = [self._prepare(p) for p in settings.prompts]
-        # only the tokenizer is needed from here on: free the fp32 weights before the variants
-        # load (at 3.8B parameters they would hold ~15 GB for nothing)
-        self.runtime.close()
-
-    @property
-    def stop_ids(self) -> list[int]:
-        return self.runtime.stop_ids
-
-    def _prepare(self, prompt: Prompt) -> PreparedPrompt:
-        rt = self.runtime
-        text = rt.render(prompt)
-        ids = rt.tokenize(text)
-        continuation = rt.generate(ids, self.settings.max_new_tokens, rt.stop_ids)
-        logits = rt.logits(ids + continuation)[len(ids) - 1: len(ids) - 1 + len(continuation)]
-        top2 = logits.topk(2, dim=-1).values
-        margin = float((top2[:, 0] - top2[:, 1]).min()) if len(continuation) else 0.0
-        return PreparedPrompt(prompt.name, prompt.chat, text, ids, continuation, rt.decode(continuation),
-                              round(margin, 3))
-
-    def summary(self) -> list[dict[str, Any]]:
-        return [{"name": p.name, "chat": p.chat, "prompt_tokens": len(p.ids),
-                 "continuation": p.continuation_text, "min_logit_margin": p.min_margin} for p in self.prompts]
-
-    def close(self) -> None:
-        self.runtime.close()
-
-
 def first_divergence(generated: Sequence[int], reference: Sequence[int]) -> int | None:
     for i, (a, b) in enumerate(zip(generated, reference)):
         if a != b:
@@ -151,22 +58,25 @@ def first_divergence(generated: Sequence[int], reference: Sequence[int]) -> int 
     return None if len(generated) == len(reference) else min(len(generated), len(reference))
 
 
-def compare(runtime: Runtime, reference: Reference) -> list[PromptResult]:
-    results = []
-    for p in reference.prompts:
+def compare(runtime: Runtime, reference: Reference, log: Log = lambda _: None) -> list[PromptResult]:
+    """Score every prompt, one kind of call at a time (all teacher-forced passes, then all greedy
+    generations), so a runtime that needs a different engine for each holds one at a time."""
+    started, n = time.monotonic(), len(reference.prompts)
+    matched = []
+    for i, p in enumerate(reference.prompts, 1):
         predicted = runtime.top1(p.ids + p.continuation)
         start = len(p.ids) - 1
-        matched = sum(int(a == b) for a, b in zip(predicted[start: start + len(p.continuation)], p.continuation))
-        generated = runtime.generate(p.ids, len(p.continuation) or 1, reference.stop_ids)
-        results.append(PromptResult(
-            name=p.name,
-            tokens_match=runtime.tokenize(p.text) == p.ids,
-            matched=matched,
-            total=len(p.continuation),
-            first_divergence=first_divergence(generated, p.continuation),
-            generated_text=reference.runtime.decode(generated),
-        ))
-    return results
+        matched.append(sum(int(a == b) for a, b in zip(predicted[start: start + len(p.continuation)],
+                                                       p.continuation)))
+        log(f"teacher-forced pass {i}/{n} ({time.monotonic() - started:.0f} s)")
+    generated = []
+    for i, p in enumerate(reference.prompts, 1):
+        generated.append(runtime.generate(p.ids, len(p.continuation) or 1, reference.stop_ids))
+        log(f"greedy generation {i}/{n} ({time.monotonic() - started:.0f} s)")
+    return [PromptResult(name=p.name, tokens_match=runtime.tokenize(p.text) == p.ids, matched=m,
+                         total=len(p.continuation), first_divergence=first_divergence(g, p.continuation),
+                         generated_text=reference.decode(g))
+            for p, m, g in zip(reference.prompts, matched, generated)]
 
 
 def judge(variant_id: str, precision: str, threshold: float, results: list[PromptResult]) -> VariantReport:
@@ -181,7 +91,7 @@ def judge(variant_id: str, precision: str, threshold: float, results: list[Promp
 
 
 def validate_variant(runtime: Runtime | None, reference: Reference, variant: Any,
-                     inspection: dict[str, Any]) -> VariantReport:
+                     inspection: dict[str, Any], log: Log = lambda _: None) -> VariantReport:
     """Judge one built variant; ``runtime`` None means it can only be checked structurally."""
     started = time.monotonic()
     if runtime is None:
@@ -189,7 +99,8 @@ def validate_variant(runtime: Runtime | None, reference: Reference, variant: Any
                                reasons=["not executed on this machine; checked structurally"])
     else:
         try:
-            report = judge(variant.id, variant.native, variant.min_agreement, compare(runtime, reference))
+            results = compare(runtime, reference, lambda m: log(f"{variant.id}: {m}"))
+            report = judge(variant.id, variant.native, variant.min_agreement, results)
         finally:
             runtime.close()
     report.inspection = inspection

@@ -24,12 +24,13 @@ from .errors import HubbotError, UsageError
 from .ledger import Ledger
 from .pipeline import Publisher, RepoOutcome, prepare, select
 from .recipe import Family
+from .secrets import redact
 
 Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class Release:
+class ListedRelease:
     """One model on the Hub at one commit, as listed."""
 
     repo: str
@@ -44,7 +45,7 @@ class Release:
 
 @dataclass
 class ReleaseResult:
-    release: Release
+    release: ListedRelease
     status: str  # published | up-to-date | failed | skipped | known | claimed-elsewhere
     reason: str = ""
     outcomes: list[RepoOutcome] = field(default_factory=list)
@@ -65,10 +66,10 @@ def _aware(dt: datetime | None) -> datetime | None:
     return dt
 
 
-def find_releases(api, families: Iterable[Family], since: datetime | None = None) -> list[Release]:
+def find_releases(api, families: Iterable[Family], since: datetime | None = None) -> list[ListedRelease]:
     """Every model of the families' authors that the family claims, newest change first."""
     since = _aware(since)
-    found: dict[str, Release] = {}
+    found: dict[str, ListedRelease] = {}
     for fam in families:
         authors = list(dict.fromkeys(list(fam.authors) + [m.repo.split("/")[0] for m in fam.models.values()]))
         for author in authors:
@@ -78,7 +79,7 @@ def find_releases(api, families: Iterable[Family], since: datetime | None = None
                     break  # sorted newest first: everything after this is older
                 if info.id in found or not fam.matches_repo(info.id) or not info.sha:
                     continue
-                found[info.id] = Release(
+                found[info.id] = ListedRelease(
                     info.id, info.sha, fam.name, _aware(getattr(info, "created_at", None)), modified,
                     getattr(info, "gated", False) or False, bool(getattr(info, "private", False)),
                     bool(getattr(info, "disabled", False)))
@@ -86,7 +87,7 @@ def find_releases(api, families: Iterable[Family], since: datetime | None = None
                   reverse=True)
 
 
-def unreadable(api, release: Release) -> str | None:
+def unreadable(api, release: ListedRelease) -> str | None:
     """Why the token cannot read the release (None when it can)."""
     from huggingface_hub.errors import DisabledRepoError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
@@ -134,7 +135,7 @@ def _release_status(outcomes: list[RepoOutcome]) -> str:
 class Watcher:
     def __init__(self, api, families: dict[str, Family], ledger: Ledger, target, *, recipe: str | None = None,
                  log: Log = print, max_attempts: int = 3, workdir: Path | None = None,
-                 on_release: Callable[[Release], Any] | None = None, collections: bool = True):
+                 on_release: Callable[[ListedRelease], Any] | None = None, collections: bool = True):
         self.api = api
         self.families = families
         self.ledger = ledger
@@ -157,7 +158,7 @@ class Watcher:
         self.log(f"{len(releases)} release(s) of {', '.join(self.families)} on {self.api.endpoint}")
         return [self.handle(r) for r in releases]
 
-    def handle(self, release: Release) -> ReleaseResult:
+    def handle(self, release: ListedRelease) -> ReleaseResult:
         fam = self.families[release.family]
         recipe = self.recipe or fam.default_recipe
         created = release.created_at.strftime("%Y-%m-%dT%H:%M:%SZ") if release.created_at else None
@@ -200,16 +201,14 @@ class Watcher:
         self.ledger.finish(release.repo, release.sha, status, reason, collection=collection)
         return ReleaseResult(release, status, reason, outcomes)
 
-    def _fail(self, release: Release, reason: str) -> ReleaseResult:
-        from .cli._output import redact
-
+    def _fail(self, release: ListedRelease, reason: str) -> ReleaseResult:
         # a local snapshot path says nothing to a reader of the ledger: name the release instead
         reason = re.sub(r"\S*/snapshots/[0-9a-f]{40}", f"{release.repo}@{release.sha[:12]}", redact(reason))
         self.log(f"{release.repo}@{release.sha[:12]}: FAILED — {reason}")
         self.ledger.finish(release.repo, release.sha, "failed", reason)
         return ReleaseResult(release, "failed", reason)
 
-    def _build(self, release: Release, recipe: str) -> list[RepoOutcome]:
+    def _build(self, release: ListedRelease, recipe: str) -> list[RepoOutcome]:
         ref, the_recipe = select(f"{release.repo}@{release.sha}", recipe, self.families, release.family)
         plan, snapshot = prepare(ref, the_recipe, self.api)
         if snapshot.commit != release.sha:
@@ -217,12 +216,13 @@ class Watcher:
         outcomes = Publisher(self.target, log=self.log, workdir=self.workdir).run(plan, snapshot)
         by_repo = {r.repo_id(self.target.namespace): r for r in plan.repos}
         for o in outcomes:
-            commit = o.push.commit if o.push else self._head(o.repo_id)
+            # a failed repo was not committed: it has no commit of this build to point at
+            commit = o.push.commit if o.push else None if o.status == "failed" else self._head(o.repo_id)
             if o.reports:
                 for rep in o.reports:
-                    self.ledger.record_variant(release.repo, release.sha, rep.variant_id, o.repo_id, o.status,
-                                               passed=rep.passed, agreement=rep.agreement,
-                                               threshold=rep.threshold, commit_sha=commit)
+                    self.ledger.record_variant(release.repo, release.sha, rep["variant_id"], o.repo_id, o.status,
+                                               passed=rep["passed"], agreement=rep["agreement"],
+                                               threshold=rep["threshold"], commit_sha=commit)
             else:  # up to date: the Hub already has exactly this build
                 for v in by_repo[o.repo_id].variants:
                     self.ledger.record_variant(release.repo, release.sha, v.id, o.repo_id, o.status,

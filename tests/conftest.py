@@ -32,8 +32,10 @@ USER = "hubbot-tester"
 def _isolated_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
-    # failed reports go to a per-test folder; the converter is shared so it is fetched once
+    # failed reports go to a per-test folder; the converter and the tiny models are shared, so they are
+    # fetched and built once (resolved from the session's HUBBOT_CACHE, before it is pointed at tmp_path)
     monkeypatch.setenv("HUBBOT_LLAMA_CPP_DIR", str(_shared_converter()))
+    monkeypatch.setenv("HUBBOT_TINY_MODEL_CACHE", str(_shared_tiny_model_cache()))
     monkeypatch.setenv("HUBBOT_CACHE", str(tmp_path / "hubbot-cache"))
 
 
@@ -42,6 +44,13 @@ def _shared_converter() -> Path:
     from hubbot.backends.gguf import converter_dir
 
     return converter_dir()
+
+
+@functools.cache
+def _shared_tiny_model_cache() -> Path:
+    from tests.fixtures import default_cache_dir
+
+    return default_cache_dir()
 
 
 @pytest.fixture
@@ -66,6 +75,6 @@ def tiny_phi3() -> Path:
     example = ROOT / "examples" / "tiny-phi3"
     if example.is_dir():
         return example
-    from hubbot.testing.tiny_models import cached_tiny_model
+    from tests.fixtures import cached_tiny_model
 
     return cached_tiny_model("phi3")

@@ -20,7 +20,8 @@ RepoNotFound (401 anonymous, 404 signed in) to outsiders; gated repos answer Gat
 
 Counters: ``requests`` holds ``(method, raw target incl. query, status)``, status 0 for a dropped
 connection. ``bytes_uploaded`` counts LFS PUT bodies that passed the sha256 check plus the decoded
-regular-file contents of commits that landed.
+regular-file contents of commits that landed. ``bytes_downloaded`` maps ``repo_id/path`` to the body
+bytes ``resolve`` GETs sent of it (a ranged read counts only its range).
 """
 from __future__ import annotations
 
@@ -382,6 +383,7 @@ class FakeHub:
         self.collections: dict[str, dict] = {}
         self.requests: list[tuple[str, str, int]] = []                  # status 0 = connection dropped
         self.bytes_uploaded = 0
+        self.bytes_downloaded: dict[str, int] = {}                      # "repo_id/path" -> bytes sent
         self._faults: list[Fault] = []
         self._lock = threading.RLock()
         self._counter = 0
@@ -459,6 +461,7 @@ class FakeHub:
         with self._lock:
             self.requests.clear()
             self.bytes_uploaded = 0
+            self.bytes_downloaded.clear()
 
     # -- faults
     def inject(self, method: str | None = None, path: str = ".*", status: int | None = None, *,
@@ -1001,6 +1004,9 @@ class FakeHub:
                                headers={"Content-Range": f"bytes */{blob.size}"})
             status, data = 206, data[start:end + 1]
             headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
+        if req.method == "GET":
+            key = f"{repo.id}/{req.params['path']}"
+            self.bytes_downloaded[key] = self.bytes_downloaded.get(key, 0) + len(data)
         return status, headers, data
 
     # -- handlers: discussions and pull requests

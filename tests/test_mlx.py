@@ -169,7 +169,7 @@ def top1_agrees(model_dir: Path, config: dict, reference, ids: list[int]) -> boo
 def test_rope_parameters_only_source_matches_transformers(tiny_phi3, tmp_path):
     """A theta and partial rotary factor other than mlx-lm's defaults, only under rope_parameters.
     Unfixed, MLX would silently rotate with theta 10000 over the whole head."""
-    from hubbot.validate import TransformersRuntime
+    from hubbot.reference import TransformersRuntime
 
     rope = {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5}
     source = transformers5_source(tiny_phi3, tmp_path / "tiny-phi3-rope", rope)
@@ -182,7 +182,7 @@ def test_rope_parameters_only_source_matches_transformers(tiny_phi3, tmp_path):
     [v] = json.loads((repo / "validation.json").read_text())["variants"]
     assert v["passed"] and v["agreement"] >= 0.95
 
-    reference = TransformersRuntime(source)
+    reference = TransformersRuntime(source, "float32")
     ids = reference.tokenize("Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")
     assert top1_agrees(repo, fixed, reference, ids)
     unfixed = {k: v for k, v in fixed.items() if k not in ("rope_theta", "partial_rotary_factor")}
@@ -192,7 +192,7 @@ def test_rope_parameters_only_source_matches_transformers(tiny_phi3, tmp_path):
 def test_longrope_difference_is_reported_and_is_only_the_factor(tiny_phi3, tmp_path):
     """128k-context Phi: mlx-lm rotates with long_factor even on short prompts. The card says so;
     with long_factor set to short_factor the same weights match transformers exactly."""
-    from hubbot.validate import TransformersRuntime
+    from hubbot.reference import TransformersRuntime
 
     short, long = [1.0] * 32, [1.0 + i / 8 for i in range(32)]
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
@@ -209,7 +209,7 @@ def test_longrope_difference_is_reported_and_is_only_the_factor(tiny_phi3, tmp_p
     [v] = json.loads((repo / "validation.json").read_text())["variants"]
     assert v["agreement"] < 1.0
 
-    reference = TransformersRuntime(source)
+    reference = TransformersRuntime(source, "float32")
     ids = reference.tokenize("Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")
     assert not top1_agrees(repo, config, reference, ids)
     short_only = {**config, "rope_scaling": {**config["rope_scaling"], "long_factor": short}}

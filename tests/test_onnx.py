@@ -16,16 +16,17 @@ import yaml
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
-from hubbot.backends import get_backend
+from hubbot.backends import OptionError, get_backend
 from hubbot.backends.onnx import inspect_folder
 from hubbot.cli import main
-from hubbot.errors import BuildError, UsageError
+from hubbot.errors import BuildError
 from tests.conftest import ROOT, USER
 
 INT4 = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
 FP32 = "cpu_and_mobile/cpu-fp32"
 CUDA = "gpu/gpu-fp16"
-FOLDERS = {INT4: ("cpu", "int4"), FP32: ("cpu", "fp32"), CUDA: ("cuda", "fp16")}
+GPU_INT4 = "gpu/gpu-int4-rtn-block-32"
+FOLDERS = {INT4: ("cpu", "int4"), FP32: ("cpu", "fp32"), CUDA: ("cuda", "fp16"), GPU_INT4: ("cuda", "int4")}
 VARIANT_FILES = {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
                  "tokenizer.model", "chat_template.jinja"}
 SOURCE_REPO = "microsoft/Phi-3-tiny-test"
@@ -33,12 +34,13 @@ SOURCE_REPO = "microsoft/Phi-3-tiny-test"
 
 @pytest.fixture(scope="module")
 def recipes(tmp_path_factory) -> Path:
-    """recipes/phi.yaml plus an `onnx` recipe: cpu int4 (block 32, acc 4), cpu fp32, cuda fp16."""
+    """recipes/phi.yaml plus an `onnx` recipe: cpu int4 (block 32, acc 4), cpu fp32, cuda fp16, cuda int4."""
     family = yaml.safe_load((ROOT / "recipes" / "phi.yaml").read_text())
     family["recipes"]["onnx"] = {"description": "ONNX Runtime GenAI", "variants": [
         {"format": "onnx", "precision": "int4", "target": "cpu", "options": {"block_size": 32, "accuracy_level": 4}},
         {"format": "onnx", "precision": "fp32", "target": "cpu"},
         {"format": "onnx", "precision": "fp16", "target": "cuda"},
+        {"format": "onnx", "precision": "int4", "target": "cuda"},
     ]}
     folder = tmp_path_factory.mktemp("recipes")
     (folder / "phi.yaml").write_text(yaml.safe_dump(family, sort_keys=False))
@@ -72,7 +74,7 @@ def test_genai_config_and_graph(preview, folder):
     ops = {n.op_type for n in graph.node}
     assert ("MatMulNBits" in ops) == (precision == "int4")
     weights = {onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer}
-    assert ("FLOAT16" in weights) == (precision == "fp16")
+    assert ("FLOAT16" in weights) == (target != "cpu")  # GPU models run in fp16 (int4: fp16 scales)
     head = next(n for n in graph.node if n.name.startswith("/lm_head/MatMul"))
     assert head.input[0].endswith("final_norm_layernorm/output_0")
 
@@ -80,7 +82,8 @@ def test_genai_config_and_graph(preview, folder):
 def test_cpu_variants_executed_and_gpu_only_checked(preview):
     report = json.loads((preview / "validation.json").read_text())
     by_id = {v["variant_id"]: v for v in report["variants"]}
-    assert set(by_id) == {"onnx-cpu-int4-rtn-block-32-acc-level-4", "onnx-cpu-fp32", "onnx-gpu-fp16"}
+    assert set(by_id) == {"onnx-cpu-int4-rtn-block-32-acc-level-4", "onnx-cpu-fp32", "onnx-gpu-fp16",
+                          "onnx-gpu-int4-rtn-block-32"}
     for vid in ("onnx-cpu-int4-rtn-block-32-acc-level-4", "onnx-cpu-fp32"):
         v = by_id[vid]
         assert v["executed"] and v["passed"], v["reasons"]
@@ -107,15 +110,20 @@ def test_card(preview):
     assert "peak RSS" in text and "## Validation" in text and "## Provenance" in text
 
 
-def test_two_step_int4_equals_the_builders_own(preview, tiny_phi3, tmp_path):
-    """CPU int4 is built as fp32 + MatMulNBitsQuantizer to save memory: same graph, same bytes."""
+@pytest.mark.parametrize("target, folder, extra", [
+    ("cpu", INT4, ["block_size=32", "accuracy_level=4"]),
+    ("cuda", GPU_INT4, ["block_size=32"]),
+])
+def test_two_step_int4_equals_the_builders_own(preview, tiny_phi3, tmp_path, target, folder, extra):
+    """int4 is built as the target's unquantized model (fp32 on CPU, fp16 on CUDA) + MatMulNBitsQuantizer
+    to save memory: the same nodes and the same weight bytes as the builder's own int4 pass."""
     from hubbot.backends.onnx import BUILDER
 
     cmd = [sys.executable, "-c", BUILDER, "-i", str(tiny_phi3), "-o", str(tmp_path / "direct"), "-p", "int4",
-           "-e", "cpu", "-c", str(tmp_path / "cache"), "--extra_options", "block_size=32", "accuracy_level=4"]
+           "-e", target, "-c", str(tmp_path / "cache"), "--extra_options", *extra]
     subprocess.run(cmd, check=True, capture_output=True)
     direct = onnx.load(str(tmp_path / "direct" / "model.onnx"))
-    two_step = onnx.load(str(preview / INT4 / "model.onnx"))
+    two_step = onnx.load(str(preview / folder / "model.onnx"))
     def nodes(model):
         return sorted((n.op_type, n.name) for n in model.graph.node)
 
@@ -125,7 +133,7 @@ def test_two_step_int4_equals_the_builders_own(preview, tiny_phi3, tmp_path):
     assert nodes(direct) == nodes(two_step)
     assert weights(direct) == weights(two_step)
     assert json.loads((tmp_path / "direct" / "genai_config.json").read_text()) == \
-        json.loads((preview / INT4 / "genai_config.json").read_text())
+        json.loads((preview / folder / "genai_config.json").read_text())
 
 
 def test_runtime_prepends_bos_exactly_when_the_hf_tokenizer_adds_it(preview, tmp_path):
@@ -172,8 +180,8 @@ def test_folder_names_follow_microsoft():
         "cpu-int4-rtn-block-32-acc-level-4-asym-qemb"
     assert backend.group("webgpu") == "gpu"
     assert backend.group("cpu") == "cpu_and_mobile"
-    with pytest.raises(UsageError, match="algo"):
-        backend.slug("int4", "cpu", {"algo": "awq"})
+    with pytest.raises(OptionError, match="algo"):
+        backend.check_options("int4", "cpu", {"algo": "awq"})
 
 
 @pytest.mark.slow  # a second full build: 30-80 s on 2 busy cores

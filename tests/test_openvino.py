@@ -13,9 +13,9 @@ import yaml
 from click.testing import CliRunner
 from huggingface_hub import HfApi, ModelCard
 
+from hubbot.backends import OptionError, get_backend
 from hubbot.backends.openvino import compression_parameters, export_command, weight_types
 from hubbot.cli import main
-from hubbot.errors import BuildError
 from tests.conftest import ROOT, SENTINEL_TOKEN, USER
 
 IR_FILES = {"openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_tokenizer.bin",
@@ -91,8 +91,8 @@ def test_export_command_maps_options(tiny_phi3):
     assert args[args.index("--dataset") + 1] == "auto"  # scale estimation needs data: built offline
     assert "--dataset" not in export_command(tiny_phi3, "int4_asym", {"awq": True})  # data-free AWQ
     assert "--sym" not in export_command(tiny_phi3, "int8_asym", {})
-    with pytest.raises(BuildError, match="4-bit"):
-        export_command(tiny_phi3, "int8_asym", {"group_size": 64})
+    with pytest.raises(OptionError, match="4-bit"):
+        get_backend("openvino").check_options("int8_asym", "cpu", {"group_size": 64})
 
 
 # -- slow: real exports ---------------------------------------------------------------------

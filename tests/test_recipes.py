@@ -88,6 +88,13 @@ BAD_RECIPES = [
     ("models.phi-4.repo", "phi-4", ["models.phi-4.repo", "owner/name"]),
     ("watch.default_recipe", "laptop", ["watch.default_recipe", "laptop", "edge"]),
     ("family", DELETE, ["(top level)", "missing required key 'family'"]),
+    # option values are checked by the format's backend while the recipe is parsed, not at build time
+    ("recipes.edge.variants.3.options.algo", "awq", ["recipes.edge.variants[3].options", "algo", "'awq'", "rtn"]),
+    ("recipes.edge.variants.3.options.block_size", 48, ["recipes.edge.variants[3].options", "block_size", "48"]),
+    ("recipes.edge.variants.4.options", {"block_size": 32}, ["recipes.edge.variants[4].options", "fp32 takes no"]),
+    ("recipes.edge.variants.7.options", {"group_size": 64}, ["recipes.edge.variants[7].options", "4-bit"]),
+    ("recipes.edge.variants.8.options", {"group_size": 48}, ["recipes.edge.variants[8].options", "32, 64, 128"]),
+    ("recipes.edge.variants.9.options", {"dtype": "float8"}, ["recipes.edge.variants[9].options", "'float8'"]),
 ]
 
 
@@ -158,6 +165,15 @@ def test_unknown_recipe_name(tiny_phi3):
     result = CliRunner().invoke(main, ["publish", str(tiny_phi3), "--recipe", "laptop", "--out", "unused"])
     assert result.exit_code == 2
     assert "no recipe 'laptop'" in result.stderr and "edge" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["plan", "phi-4"], ["publish", "phi-4", "--out", "unused"],
+                                     ["build", "phi-4", "--variant", "gguf-Q4_K_M", "--out", "unused"]])
+def test_unknown_family_lists_the_known_ones(command, hub_env):
+    result = CliRunner().invoke(main, [*command, "--family", "nope"])
+    assert result.exit_code == 2, result.output
+    assert "unknown family 'nope'; known: phi" in result.stderr and "Traceback" not in result.output
+    assert not hub_env.requests
 
 
 def test_missing_toolchain_names_the_extra_to_install(tiny_phi3, monkeypatch, tmp_path):

@@ -36,15 +36,12 @@ def phi4_fixture_dir() -> Path:
     """A folder holding a GPT-2 byte-level BPE tokenizer with Phi-4's added tokens and chat template.
 
     It comes from the test-fixture builder (kind "phi4"), whose tokenizer llama.cpp's converter
-    recognises. THE ONE PLACE that imports the fixture builder: it lives in
-    hubbot/testing/tiny_models.py today and is being moved under tests/fixtures/; change the
-    import here when it moves. The fixture is built once and cached (~/.cache/hubbot/tiny-models).
+    recognises (tests/fixtures, test support outside the hubbot package). It is built once and
+    cached (HUBBOT_CACHE/tiny-models).
     """
-    try:
-        from hubbot.testing.tiny_models import cached_tiny_model
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        from tests.fixtures.tiny_models import cached_tiny_model  # type: ignore[no-redef]  # its new home
+    sys.path.insert(0, str(ROOT))
+    from tests.fixtures import cached_tiny_model
+
     return cached_tiny_model("phi4")
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hubbot.toolrun import tree_memory  # the same accounting hubbot's own tool runner uses
+from hubbot.toolrun import log_tail, tree_memory  # the same accounting and log reading as hubbot's tool runner
 
 MEM_INTERVAL = 0.5
 HEARTBEAT = 30.0
@@ -60,16 +60,6 @@ def disk_bytes(paths: Sequence[Path]) -> int:
             except OSError:
                 pass
     return total
-
-
-def log_tail(path: Path, lines: int = 25, max_bytes: int = 32768) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(max(0, path.stat().st_size - max_bytes))
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
 
 
 def _last_line(path: Path) -> str:
@@ -139,7 +129,7 @@ def run_measured(cmd: Sequence[str], *, log_file: Path, disk_paths: Sequence[Pat
     say(f"[{label}] done in {wall:.1f} s, rc {rc}{' (' + note + ')' if note else ''}, peak anon {_gib(peak_anon)}, "
         f"file {_gib(peak_file)}, disk +{_gib(peak_disk)}")
     return Measured(rc, round(wall, 2), peak_anon, peak_file, peak_disk, ru_maxrss, str(log_file), note,
-                    log_tail(log_file) if rc else "")
+                    log_tail(log_file, lines=25, max_bytes=32768) if rc else "")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

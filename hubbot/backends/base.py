@@ -3,16 +3,27 @@
 A backend turns a source snapshot into files for some variants (``build``), checks the files
 structurally (``inspect``) and loads one variant in its own runtime (``load``) so that
 ``hubbot.validate`` can compare it with the source model. Everything format-specific — its
-precision table, default repo naming, options, tool versions — lives in the backend module.
+precision table, default repo naming, options and how to check them, tool versions — lives in the
+backend module, as data where it can be.
+
+The contract, in short:
+
+- ``check_options`` runs while the recipe is parsed: a bad option is a RecipeError (exit 2)
+  before anything is downloaded. ``build`` may assume checked options.
+- ``build`` returns one ``Built`` per variant, keyed by variant id; what it measured and decided
+  goes in ``Built.details``, a backend-specific ``Details`` dataclass that the format's card
+  template reads.
+- The toolchain is checked once per run (``require``), before anything is downloaded; ``build``
+  does not check it again.
+- Tools run through ``hubbot.toolrun.run_tool`` (measured, logged, interruptible).
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -32,6 +43,10 @@ class NativeType:
     name: str
     precision_class: str  # fp32 | fp16 | bf16 | int8 | int6 | int5 | int4 | int3 | int2
     bits_per_weight: float  # for size estimates only
+
+
+def type_table(*types: NativeType) -> dict[str, NativeType]:
+    return {t.name: t for t in types}
 
 
 @dataclass(frozen=True)
@@ -56,15 +71,25 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Details:
+    """What a backend measured and decided while building one variant (its card template reads it)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class Built:
-    """A variant's files after ``build``: ``path`` is relative to the repo folder."""
+    """A variant's files after ``build``: paths relative to the repo folder."""
 
-    variant_id: str
-    path: str
-    files: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    details: dict[str, Any] = field(default_factory=dict)
+    files: list[str]
+    seconds: float
+    details: Details = field(default_factory=Details)
+
+
+class OptionError(ValueError):
+    """A variant's options do not fit its format, precision or target (the recipe is at fault)."""
 
 
 class Backend(ABC):
@@ -100,6 +125,9 @@ class Backend(ABC):
     def allowed_precisions(self) -> list[str]:
         return [*self.precisions, *self.native_types]
 
+    def check_options(self, native: str, target: str, options: Mapping[str, Any]) -> None:  # noqa: B027
+        """Raise OptionError when the (already type-checked) options cannot apply to this variant."""
+
     def slug(self, native: str, target: str, options: Mapping[str, Any]) -> str:
         """A short, stable name for the variant, used in ids and paths."""
         parts = [native, target if target != self.default_target else ""]
@@ -115,8 +143,8 @@ class Backend(ABC):
 
     @abstractmethod
     def build(self, snapshot: Snapshot, variants: Sequence[Variant], repo_dir: Path, workdir: Path,
-              log: Log) -> list[Built]:
-        """Write every variant's files under ``repo_dir`` (at ``variant.path``)."""
+              log: Log) -> dict[str, Built]:
+        """Write every variant's files under ``repo_dir`` (at ``variant.path``), keyed by variant id."""
 
     @abstractmethod
     def inspect(self, snapshot: Snapshot, variant: Variant, repo_dir: Path) -> dict[str, Any]:
@@ -125,15 +153,3 @@ class Backend(ABC):
     @abstractmethod
     def load(self, variant: Variant, repo_dir: Path) -> Runtime | None:
         """Load the variant in its runtime, or None when this machine cannot run its target."""
-
-
-def formats() -> list[str]:
-    """Every format with a module here: hubbot/backends/<format>.py defining BACKEND."""
-    package = Path(__file__).parent
-    return sorted(m.name for m in pkgutil.iter_modules([str(package)]) if m.name not in ("base", "__init__"))
-
-
-def get_backend(fmt: str) -> Backend:
-    if fmt not in formats():
-        raise KeyError(fmt)
-    return importlib.import_module(f"{__package__}.{fmt}").BACKEND()

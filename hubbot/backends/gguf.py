@@ -12,41 +12,43 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
 from ..paths import cache_root
 from ..sdist import fetch_sdist_files
-from .base import Backend, Built, Log, Naming, NativeType
+from ..toolrun import run_tool
+from .base import Backend, Built, Details, Log, Naming, NativeType, type_table
 
-# name: (precision class, approximate bits per weight). Types that need an importance matrix
-# (IQ1/IQ2/IQ3) are left out until the bot can compute one.
-GGUF_TYPES: dict[str, tuple[str, float]] = {
-    "F32": ("fp32", 32.0),
-    "F16": ("fp16", 16.0),
-    "BF16": ("bf16", 16.0),
-    "Q8_0": ("int8", 8.5),
-    "Q6_K": ("int6", 6.56),
-    "Q5_K_M": ("int5", 5.69),
-    "Q5_K_S": ("int5", 5.54),
-    "Q5_1": ("int5", 6.0),
-    "Q5_0": ("int5", 5.5),
-    "Q4_K_M": ("int4", 4.89),
-    "Q4_K_S": ("int4", 4.58),
-    "Q4_1": ("int4", 5.0),
-    "Q4_0": ("int4", 4.55),
-    "IQ4_XS": ("int4", 4.25),
-    "IQ4_NL": ("int4", 4.5),
-    "Q3_K_L": ("int3", 4.27),
-    "Q3_K_M": ("int3", 3.91),
-    "Q3_K_S": ("int3", 3.5),
-    "Q2_K": ("int2", 3.35),
-}
+# GGUF's file types hubbot makes, with approximate bits per weight (llama.cpp's quantize table).
+# Types that need an importance matrix (IQ1/IQ2/IQ3) are left out until the bot can compute one.
+GGUF_TYPES = type_table(
+    NativeType("F32", "fp32", 32.0),
+    NativeType("F16", "fp16", 16.0),
+    NativeType("BF16", "bf16", 16.0),
+    NativeType("Q8_0", "int8", 8.5),
+    NativeType("Q6_K", "int6", 6.56),
+    NativeType("Q5_K_M", "int5", 5.69),
+    NativeType("Q5_K_S", "int5", 5.54),
+    NativeType("Q5_1", "int5", 6.0),
+    NativeType("Q5_0", "int5", 5.5),
+    NativeType("Q4_K_M", "int4", 4.89),
+    NativeType("Q4_K_S", "int4", 4.58),
+    NativeType("Q4_1", "int4", 5.0),
+    NativeType("Q4_0", "int4", 4.55),
+    NativeType("IQ4_XS", "int4", 4.25),
+    NativeType("IQ4_NL", "int4", 4.5),
+    NativeType("Q3_K_L", "int3", 4.27),
+    NativeType("Q3_K_M", "int3", 3.91),
+    NativeType("Q3_K_S", "int3", 3.5),
+    NativeType("Q2_K", "int2", 3.35),
+)
+# transformers architecture -> general.architecture llama.cpp's converter writes for it
+GGUF_ARCHITECTURES: dict[str, str] = {"Phi3ForCausalLM": "phi3"}
 INTERMEDIATE_OUTTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 SMALL_MODEL_BYTES = 512 * 2**20
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
@@ -68,6 +70,28 @@ def converter_dir(log: Log = lambda _: None) -> Path:
                              cache_root() / f"llama.cpp-{ver}", log=log)
 
 
+@dataclass(frozen=True)
+class GGUFDetails(Details):
+    intermediate: str  # the F16/BF16/F32 conversion every variant was quantized from
+    convert_seconds: float
+    convert_peak_rss_bytes: int
+    peak_rss_bytes: int  # of this variant's own step (quantize, or the conversion itself)
+
+
+# llama.cpp's quantizer in its own process: its per-tensor log ("[ 12/ 195] …") shows progress,
+# an interrupt kills it, and its memory is measured like every other tool's.
+QUANTIZE = """
+import sys, llama_cpp
+from llama_cpp._logger import set_verbose
+set_verbose(True)
+src, dst, ftype, nthread, pure, quantize_output = sys.argv[1:]
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype, params.nthread = int(ftype), int(nthread)
+params.pure, params.quantize_output_tensor = pure == "1", quantize_output == "1"
+sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params))
+"""
+
+
 class GGUFBackend(Backend):
     name = "gguf"
     extra = "gguf"
@@ -77,38 +101,36 @@ class GGUFBackend(Backend):
     targets = ("any",)
     default_target = "any"
     precisions = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
-    native_types = {name: NativeType(name, cls, bpw) for name, (cls, bpw) in GGUF_TYPES.items()}
+    native_types = GGUF_TYPES
     options = {"pure": bool, "leave_output_tensor": bool}
     naming = Naming(repo="{model}-GGUF", path="{model}-{quant}.gguf")
     template = "gguf.md.j2"
 
     def tool_versions(self) -> dict[str, str]:
-        return {"llama-cpp-python": llama_cpp_version(), "llama.cpp converter": f"llama-cpp-python {llama_cpp_version()} sdist"}
+        version = llama_cpp_version()
+        return {"llama-cpp-python": version, "llama.cpp converter": f"llama-cpp-python {version} sdist"}
 
-    def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> list[Built]:
-        self.require()
+    def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> dict[str, Built]:
         natives = {v.native for v in variants}
         outtype = "f32" if "F32" in natives else "bf16" if _source_dtype(snapshot.config) == "bfloat16" else "f16"
         intermediate = workdir / f"{snapshot.ref.model_name}-{outtype.upper()}.gguf"
-        started = time.monotonic()
-        self._convert(snapshot, intermediate, outtype, workdir, log)
-        convert_seconds = time.monotonic() - started
-        built = []
+        converted = self._convert(snapshot, intermediate, outtype, workdir, log)
+        built = {}
         for v in variants:
             out = repo_dir / v.path
             out.parent.mkdir(parents=True, exist_ok=True)
-            started = time.monotonic()
             if v.native.lower() == outtype and not v.options:
                 log(f"{v.id}: the {outtype.upper()} conversion itself")
                 shutil.copyfile(intermediate, out)
+                seconds, peak = 0.0, converted.peak_rss_bytes
             else:
-                log(f"{v.id}: quantizing {outtype.upper()} → {v.native}")
-                _quantize(intermediate, out, v.native, v.options)
-            built.append(Built(v.id, v.path, [v.path], time.monotonic() - started,
-                               {"intermediate": outtype.upper(), "convert_seconds": round(convert_seconds, 2)}))
+                run = _quantize(intermediate, out, v, workdir, log)
+                seconds, peak = run.seconds, run.peak_rss_bytes
+            built[v.id] = Built([v.path], seconds, GGUFDetails(outtype.upper(), converted.seconds,
+                                                             converted.peak_rss_bytes, peak))
         return built
 
-    def _convert(self, snapshot, out: Path, outtype: str, workdir: Path, log: Log) -> None:
+    def _convert(self, snapshot, out: Path, outtype: str, workdir: Path, log: Log):
         conv = converter_dir(log)
         override = workdir / "gguf-metadata.json"
         metadata = {"general.name": snapshot.ref.model_name}
@@ -121,12 +143,8 @@ class GGUFBackend(Backend):
                "--outtype", outtype, "--model-name", snapshot.ref.model_name, "--metadata", str(override)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv)])}
         log(f"converting {snapshot.ref.model_name} to {outtype.upper()} GGUF with llama.cpp's converter")
-        log_file = workdir / "convert.log"
-        with log_file.open("w") as fh:
-            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-        if rc or not out.is_file():
-            tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
-            raise BuildError(f"llama.cpp's converter failed (exit {rc}); last lines of {log_file}:\n{tail}")
+        return run_tool(cmd, workdir / "convert.log", what="llama.cpp's converter", log=log, env=env,
+                        check=out.is_file)
 
     def inspect(self, snapshot, variant, repo_dir: Path) -> dict[str, Any]:
         return inspect_gguf(repo_dir / variant.path, snapshot, variant.native)
@@ -135,27 +153,17 @@ class GGUFBackend(Backend):
         return LlamaCppRuntime(repo_dir / variant.path)
 
 
-BACKEND = GGUFBackend
-
-
 def _source_dtype(config: dict) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
-def _quantize(src: Path, dst: Path, native: str, options: dict[str, Any]) -> None:
-    import llama_cpp
-    from llama_cpp._logger import set_verbose
-
-    set_verbose(False)  # llama.cpp's per-tensor log; hubbot prints its own progress
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = _ftype(native)
-    params.nthread = os.cpu_count() or 1
-    params.pure = bool(options.get("pure", False))
-    params.quantize_output_tensor = not options.get("leave_output_tensor", False)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0 or not dst.is_file():
-        raise BuildError(f"llama.cpp failed to quantize {src.name} to {native} (code {rc})")
+def _quantize(src: Path, dst: Path, variant, workdir: Path, log: Log):
+    log(f"{variant.id}: quantizing {src.name} → {variant.native}")
+    options = variant.options
+    cmd = [sys.executable, "-c", QUANTIZE, str(src), str(dst), str(_ftype(variant.native)), str(os.cpu_count() or 1),
+           "1" if options.get("pure") else "0", "0" if options.get("leave_output_tensor") else "1"]
+    return run_tool(cmd, workdir / f"quantize-{variant.native}.log", what=f"llama.cpp quantize to {variant.native}",
+                    log=log, check=dst.is_file)
 
 
 def _ftype(native: str) -> int:
@@ -190,8 +198,10 @@ def inspect_gguf(path: Path, snapshot, native: str) -> dict[str, Any]:
         "bytes": path.stat().st_size,
     }
     problems = []
-    if arch != "phi3":
-        problems.append(f"general.architecture is {arch!r}, expected 'phi3'")
+    source_arch = (snapshot.config.get("architectures") or ["?"])[0]
+    expected_arch = GGUF_ARCHITECTURES.get(source_arch)
+    if arch != expected_arch:
+        problems.append(f"general.architecture is {arch!r}, expected {expected_arch!r} for {source_arch}")
     source_template = _source_chat_template(snapshot.path)
     if source_template and template != source_template:
         problems.append("tokenizer.chat_template differs from the source's chat template")

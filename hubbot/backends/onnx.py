@@ -2,7 +2,7 @@
 
 Every build step runs onnxruntime-genai's builder (or, for CPU int4/int8, ORT's quantizer on the
 builder's fp32 model) in its own subprocess, so memory is returned to the system between steps
-and the peak of each is measured on its own (``os.wait4``). Folders are laid out like Microsoft's Phi ONNX repos:
+and the peak of each is measured on its own (``hubbot.toolrun``). Folders are laid out like Microsoft's Phi ONNX repos:
 ``cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4/``, ``gpu/gpu-int4-rtn-block-32/`` …, each
 with ``genai_config.json``, the model and the source's tokenizer files.
 
@@ -16,20 +16,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BuildError, UsageError
-from .base import Backend, Built, Log, Naming, NativeType
+from ..errors import BuildError
+from ..toolrun import ToolRun, run_tool
+from .base import Backend, Built, Details, Log, Naming, NativeType, OptionError, type_table
 
 # The builder's precisions (-p) with approximate bits per weight, for size estimates only.
-ONNX_TYPES: dict[str, tuple[str, float]] = {
-    "fp32": ("fp32", 32.0), "fp16": ("fp16", 16.0), "int8": ("int8", 8.5), "int4": ("int4", 4.5)}
+ONNX_TYPES = type_table(NativeType("fp32", "fp32", 32.0), NativeType("fp16", "fp16", 16.0),
+                        NativeType("int8", "int8", 8.5), NativeType("int4", "int4", 4.5))
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # recipe target -> (group folder, folder-name prefix, provider named in genai_config.json)
 TARGETS: dict[str, tuple[str, str, str | None]] = {
     "cpu": ("cpu_and_mobile", "cpu", None),
@@ -37,6 +39,10 @@ TARGETS: dict[str, tuple[str, str, str | None]] = {
     "dml": ("gpu", "dml", "dml"),
     "webgpu": ("gpu", "webgpu", "webgpu"),
 }
+# The unquantized model int4/int8 variants are quantized from: what the builder's own int4/int8
+# pass starts from on that target (fp32 activations on CPU, fp16 on GPU EPs).
+# Checked for cpu and cuda (same nodes, same weight bytes); dml and webgpu use the builder's one pass.
+BASE_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
 # recipe algo -> the builder's algo_config ("default" is the builder's round-to-nearest)
 ALGOS = {"rtn": "default", "k_quant": "k_quant"}
 # The builder, run with one fix: 0.18 takes *any* Linear whose out_features equals vocab_size for
@@ -54,18 +60,27 @@ def has_lm_head(self, module):
 Model.has_lm_head = has_lm_head
 runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
 """
-# CPU int4/int8 in two steps, each in its own process: the builder's fp32 model (which it streams
-# to disk), then ORT's MatMulNBitsQuantizer on that file, exactly what the builder's own int4 pass
-# runs (same graph, same bytes) but without the builder's source weights and fp32 graph in memory
-# at the same time: peak about 4.5 instead of 7.3 bytes per parameter.
+# int4/int8 in two steps, each in its own process: the builder's unquantized model for the target
+# (BASE_PRECISION, which it streams to disk), then ORT's MatMulNBitsQuantizer on that file, exactly
+# what the builder's own int4 pass runs (same nodes, same bytes) but without the builder's source
+# weights and unquantized graph in memory at the same time. The base graph is loaded without its weights: the quantizer reads each MatMul
+# weight through onnx-ir, which memory-maps it from the external data file (resolved from the
+# working directory, hence the chdir), so only the quantized weights and the few tensors left in
+# fp32 (norms, embeddings) are ever held in memory.
 QUANTIZER = """
 import os, sys, onnx
+from onnx.external_data_helper import load_external_data_for_model
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 src, dst, bits, block_size, symmetric, accuracy_level = sys.argv[1:]
-quantizer = MatMulNBitsQuantizer(onnx.load(os.path.join(src, "model.onnx")), bits=int(bits), block_size=int(block_size),
+dst = os.path.abspath(dst)
+os.chdir(src)
+model = onnx.load("model.onnx", load_external_data=False)
+quantizer = MatMulNBitsQuantizer(model, bits=int(bits), block_size=int(block_size),
                                  is_symmetric=symmetric == "True", accuracy_level=int(accuracy_level))
 quantizer.process()
-onnx.save(quantizer.model.model, os.path.join(dst, "model.onnx"), save_as_external_data=True,
+load_external_data_for_model(quantizer.model.model, ".")  # what stays unquantized comes along
+os.chdir(dst)  # onnx.save looks for an existing data file relative to the working directory
+onnx.save(quantizer.model.model, "model.onnx", save_as_external_data=True,
           all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
 """
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -74,15 +89,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def quant_settings(target: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """The recipe's int4/int8 options with defaults filled in (Microsoft's: rtn, block 32, acc 4 on CPU)."""
-    s = {"algo": "rtn", "block_size": 32, "accuracy_level": 4 if target == "cpu" else 0,
-         "is_symmetric": True, "quantize_embeddings": False, **options}
-    if s["algo"] not in ALGOS:
-        raise UsageError(f"onnx option algo: '{s['algo']}' is not one of {', '.join(ALGOS)}")
-    if s["block_size"] not in (16, 32, 64, 128, 256):
-        raise UsageError(f"onnx option block_size: {s['block_size']} is not one of 16, 32, 64, 128, 256")
-    if s["accuracy_level"] not in (0, 1, 2, 3, 4):
-        raise UsageError(f"onnx option accuracy_level: {s['accuracy_level']} is not from 0 (unset) to 4")
-    return s
+    return {"algo": "rtn", "block_size": 32, "accuracy_level": 4 if target == "cpu" else 0,
+            "is_symmetric": True, "quantize_embeddings": False, **options}
 
 
 def builder_options(native: str, target: str, options: Mapping[str, Any]) -> list[str]:
@@ -105,18 +113,31 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _tail(log_file: Path, lines: int = 15) -> str:
-    return f"last lines of {log_file}:\n" + "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:])
+@dataclass(frozen=True)
+class OnnxDetails(Details):
+    provider: str  # the execution provider genai_config.json names ("cpu" for none)
+    builder: str  # how it was built, e.g. "-p int4 -e cuda"
+    extra_options: list[str]
+    peak_rss_bytes: int
+    adds_bos: bool  # the source's HF tokenizer adds BOS (ORT GenAI's never does)
+    bos_token_id: int | None
+    fp32_seconds: float | None = None  # two-step builds: the base (fp32/fp16) step, then the quantizer
+    fp32_peak_rss_bytes: int | None = None
+    quantize_seconds: float | None = None
+    quantize_peak_rss_bytes: int | None = None
 
 
-def _run_measured(cmd: list[str], log_file: Path, env: dict[str, str]) -> tuple[int, float, float]:
-    """Run ``cmd``; return its exit code, wall seconds and peak RSS in MB (its own, via wait4)."""
-    started = time.monotonic()
-    with log_file.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.monotonic() - started, usage.ru_maxrss / 1024  # Linux: KiB
+@dataclass
+class _BaseBuild:
+    """A target's unquantized model of one ``build`` call, made once and shared by its variants."""
+
+    target: str
+    folder: Path
+    run: ToolRun | None = None
+
+    @property
+    def precision(self) -> str:
+        return BASE_PRECISION[self.target]
 
 
 class OnnxBackend(Backend):
@@ -127,12 +148,27 @@ class OnnxBackend(Backend):
     required_modules = ("onnxruntime_genai", "onnx")
     targets = tuple(TARGETS)
     default_target = "cpu"
-    precisions = {name: name for name in ONNX_TYPES}
-    native_types = {name: NativeType(name, cls, bpw) for name, (cls, bpw) in ONNX_TYPES.items()}
+    precisions = {t.name: t.name for t in ONNX_TYPES.values()}
+    native_types = ONNX_TYPES
     options = {"block_size": int, "accuracy_level": int, "is_symmetric": bool, "algo": str,
                "quantize_embeddings": bool}
     naming = Naming(repo="{model}-onnx", path="{group}/{variant}")
     template = "onnx.md.j2"
+
+    def check_options(self, native: str, target: str, options: Mapping[str, Any]) -> None:
+        if native not in ("int4", "int8"):
+            if options:
+                raise OptionError(f"onnx {native} takes no options (got {', '.join(options)}); "
+                                  f"they apply to int4 and int8")
+            return
+        s = quant_settings(target, options)
+        if s["algo"] not in ALGOS:
+            raise OptionError(f"onnx option algo: '{s['algo']}' is not one of {', '.join(ALGOS)}")
+        if s["block_size"] not in BLOCK_SIZES:
+            raise OptionError(f"onnx option block_size: {s['block_size']} is not one of "
+                              f"{', '.join(map(str, BLOCK_SIZES))}")
+        if s["accuracy_level"] not in ACCURACY_LEVELS:
+            raise OptionError(f"onnx option accuracy_level: {s['accuracy_level']} is not from 0 (unset) to 4")
 
     def slug(self, native: str, target: str, options: Mapping[str, Any]) -> str:
         _, prefix, _ = TARGETS[target]
@@ -143,8 +179,6 @@ class OnnxBackend(Backend):
             name += f"-acc-level-{s['accuracy_level']}" if s["accuracy_level"] else ""
             name += "" if s["is_symmetric"] else "-asym"
             name += "-qemb" if s["quantize_embeddings"] else ""
-        elif options:
-            raise UsageError(f"onnx {native} takes no options (got {', '.join(options)}); they apply to int4 and int8")
         return name
 
     def group(self, target: str) -> str:
@@ -155,80 +189,84 @@ class OnnxBackend(Backend):
 
         return {pkg: version(pkg) for pkg in ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir")}
 
-    def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> list[Built]:
-        self.require()
+    def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> dict[str, Built]:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
         bos = {"adds_bos": hf_tokenizer_adds_bos(snapshot.path), "bos_token_id": snapshot.config.get("bos_token_id")}
-        self._fp32: dict[str, Any] | None = None  # the CPU fp32 build, made once per repo
-        built = []
-        for v in variants:
+        bases: dict[str, _BaseBuild] = {}
+        # one target's base build on disk at a time; its quantized variants before the one that takes the base
+        # build's files as hard links (onnx refuses to read external data through a file with several links)
+        order = sorted(variants, key=lambda v: (list(TARGETS).index(v.target), not self.two_step(v)))
+        built = {}
+        for i, v in enumerate(order):
             out = repo_dir / v.path
             out.mkdir(parents=True, exist_ok=True)
+            base = bases.setdefault(v.target, _BaseBuild(v.target, workdir / f"{v.target}-base"))
             if self.two_step(v):
-                stats = self._quantize_fp32(snapshot, v, out, workdir, env, log)
-            elif v.target == "cpu" and v.native == "fp32":
-                stats = dict(self._cpu_fp32(snapshot, workdir, env, log))
-                for f in (workdir / "cpu-fp32").iterdir():
+                details = self._quantize_base(snapshot, v, out, base, workdir, env, log)
+            elif v.native == BASE_PRECISION.get(v.target) and not v.options:
+                run = self._base(snapshot, base, workdir, env, log)
+                for f in base.folder.iterdir():
                     _link_or_copy(f, out / f.name)
+                details = {"builder": f"-p {base.precision} -e {v.target}", "extra_options": [], "seconds": run.seconds,
+                           "peak_rss_bytes": run.peak_rss_bytes}
             else:
-                stats = self._run_builder(snapshot, v.id, v.native, v.target,
-                                          builder_options(v.native, v.target, v.options), out, workdir, env, log)
+                extra = builder_options(v.native, v.target, v.options)
+                run = self._run_builder(snapshot, v.id, v.native, v.target, extra, out, workdir, env, log)
+                details = {"builder": f"-p {v.native} -e {v.target}", "extra_options": extra, "seconds": run.seconds,
+                           "peak_rss_bytes": run.peak_rss_bytes}
+            if base.run and all(later.target != v.target for later in order[i + 1:]):
+                shutil.rmtree(base.folder, ignore_errors=True)  # the variants' own copies are hard links
             for name in TOKENIZER_FILES:  # the source's own files: older loaders read them, the builder re-saves
                 if (snapshot.path / name).is_file():
-                    (out / name).unlink(missing_ok=True)  # may be a link to the shared fp32 build
+                    (out / name).unlink(missing_ok=True)  # may be a link to the shared base build
                     shutil.copyfile(snapshot.path / name, out / name)
             files = sorted(f.relative_to(repo_dir).as_posix() for f in out.rglob("*") if f.is_file())
-            log(f"{v.id}: built in {stats['seconds']:.1f} s, peak RSS {stats['peak_rss_mb']} MB")
-            built.append(Built(v.id, v.path, files, stats.pop("seconds"),
-                               {"provider": TARGETS[v.target][2] or "cpu", **stats, **bos}))
+            seconds = details.pop("seconds")
+            log(f"{v.id}: built in {seconds:.1f} s, peak RSS {details['peak_rss_bytes'] / 2**20:.0f} MiB")
+            built[v.id] = Built(files, seconds, OnnxDetails(provider=TARGETS[v.target][2] or "cpu", **details, **bos))
         return built
 
     @staticmethod
     def two_step(v) -> bool:
-        """CPU int4/int8 with the builder's default quantizer: fp32 model first, then quantized."""
+        """int4/int8 with the builder's default quantizer: the target's base model first, then quantized."""
         s = quant_settings(v.target, v.options) if v.native in ("int4", "int8") else {}
-        return v.target == "cpu" and bool(s) and s["algo"] == "rtn" and not s["quantize_embeddings"]
+        return bool(s) and v.target in BASE_PRECISION and s["algo"] == "rtn" and not s["quantize_embeddings"]
 
     def _run_builder(self, snapshot, vid: str, native: str, target: str, extra: list[str], out: Path, workdir: Path,
-                     env: dict[str, str], log: Log) -> dict[str, Any]:
+                     env: dict[str, str], log: Log) -> ToolRun:
         cmd = [sys.executable, "-c", BUILDER, "-i", str(snapshot.path), "-o", str(out), "-p", native, "-e", target,
                "-c", str(workdir / "cache")]
         cmd += ["--extra_options", *extra] if extra else []
         log(f"{vid}: onnxruntime-genai builder -p {native} -e {target} {' '.join(extra)}")
-        log_file = workdir / f"{vid}.log"
-        rc, seconds, peak_mb = _run_measured(cmd, log_file, env)
-        if rc or not (out / "genai_config.json").is_file():
-            raise BuildError(f"the onnxruntime-genai builder failed for {vid} (exit {rc}); {_tail(log_file)}")
-        return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_mb), "builder": f"-p {native} -e {target}",
-                "extra_options": extra}
+        return run_tool(cmd, workdir / f"{vid}.log", what=f"the onnxruntime-genai builder for {vid}", log=log, env=env,
+                        check=(out / "genai_config.json").is_file)
 
-    def _cpu_fp32(self, snapshot, workdir: Path, env: dict[str, str], log: Log) -> dict[str, Any]:
-        if self._fp32 is None:
-            self._fp32 = self._run_builder(snapshot, "cpu-fp32", "fp32", "cpu", [], workdir / "cpu-fp32", workdir,
-                                           env, log)
-        return self._fp32
+    def _base(self, snapshot, base: _BaseBuild, workdir: Path, env: dict[str, str], log: Log) -> ToolRun:
+        if base.run is None:
+            base.run = self._run_builder(snapshot, base.folder.name, base.precision, base.target, [], base.folder,
+                                         workdir, env, log)
+        return base.run
 
-    def _quantize_fp32(self, snapshot, v, out: Path, workdir: Path, env: dict[str, str], log: Log) -> dict[str, Any]:
-        fp32, fp32_stats = workdir / "cpu-fp32", self._cpu_fp32(snapshot, workdir, env, log)
+    def _quantize_base(self, snapshot, v, out: Path, base: _BaseBuild, workdir: Path, env: dict[str, str],
+                       log: Log) -> dict[str, Any]:
+        first = self._base(snapshot, base, workdir, env, log)
         s = quant_settings(v.target, v.options)
         bits = 4 if v.native == "int4" else 8
-        log(f"{v.id}: MatMulNBitsQuantizer on the fp32 model: {bits} bits, block {s['block_size']}, "
+        log(f"{v.id}: MatMulNBitsQuantizer on the {base.precision} model: {bits} bits, block {s['block_size']}, "
             f"accuracy level {s['accuracy_level']}, {'symmetric' if s['is_symmetric'] else 'asymmetric'}")
-        cmd = [sys.executable, "-c", QUANTIZER, str(fp32), str(out), str(bits), str(s["block_size"]),
+        cmd = [sys.executable, "-c", QUANTIZER, str(base.folder), str(out), str(bits), str(s["block_size"]),
                str(s["is_symmetric"]), str(s["accuracy_level"])]
-        log_file = workdir / f"{v.id}.log"
-        rc, seconds, peak_mb = _run_measured(cmd, log_file, env)
-        if rc or not (out / "model.onnx").is_file():
-            raise BuildError(f"quantizing {v.id} failed (exit {rc}); {_tail(log_file)}")
-        for f in fp32.iterdir():  # genai_config.json (the same for fp32 and int4 on CPU), tokenizer files
+        run = run_tool(cmd, workdir / f"{v.id}.log", what=f"quantizing {v.id}", log=log, env=env,
+                       check=(out / "model.onnx").is_file)
+        for f in base.folder.iterdir():  # genai_config.json (the same as the builder's int4 one), tokenizer files
             if not f.name.startswith("model.onnx"):
                 shutil.copyfile(f, out / f.name)
-        return {"seconds": round(seconds + fp32_stats["seconds"], 2),
-                "peak_rss_mb": max(round(peak_mb), fp32_stats["peak_rss_mb"]),
-                "builder": "-p fp32 -e cpu, then onnxruntime's MatMulNBitsQuantizer",
+        return {"seconds": round(run.seconds + first.seconds, 2),
+                "peak_rss_bytes": max(run.peak_rss_bytes, first.peak_rss_bytes),
+                "builder": f"-p {base.precision} -e {v.target}, then onnxruntime's MatMulNBitsQuantizer",
                 "extra_options": builder_options(v.native, v.target, v.options),
-                "fp32_seconds": fp32_stats["seconds"], "fp32_peak_rss_mb": fp32_stats["peak_rss_mb"],
-                "quantize_seconds": round(seconds, 2), "quantize_peak_rss_mb": round(peak_mb)}
+                "fp32_seconds": first.seconds, "fp32_peak_rss_bytes": first.peak_rss_bytes,
+                "quantize_seconds": run.seconds, "quantize_peak_rss_bytes": run.peak_rss_bytes}
 
     def inspect(self, snapshot, variant, repo_dir: Path) -> dict[str, Any]:
         return inspect_folder(repo_dir / variant.path, variant.native, variant.target)
@@ -238,8 +276,6 @@ class OnnxBackend(Backend):
             return None  # cuda, dml and webgpu variants are checked structurally on this machine
         return OrtGenAIRuntime(repo_dir / variant.path)
 
-
-BACKEND = OnnxBackend
 
 
 def inspect_folder(folder: Path, native: str, target: str) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 compressed with NNCF, the tokenizer and detokenizer converted to IR by openvino-tokenizers.
 
 Each variant is one ``optimum-cli export openvino --task text-generation-with-past`` run in its
-own subprocess (its time and peak RSS are recorded), so one folder holds a complete model that
-``openvino_genai.LLMPipeline`` runs on its own. The default naming puts every precision in its
-own repo with the files at the root, as the OpenVINO org does (``{model}-int4-ov``).
+own subprocess (its time and peak RSS are recorded, its temporary files kept under the workdir),
+so one folder holds a complete model that ``openvino_genai.LLMPipeline`` runs on its own. The
+default naming puts every precision in its own repo with the files at the root, as the OpenVINO
+org does (``{model}-int4-ov``).
 """
 
 from __future__ import annotations
@@ -12,27 +13,30 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
-from .base import Backend, Built, Log, Naming, NativeType
+from ..toolrun import run_tool
+from .base import Backend, Built, Details, Log, Naming, NativeType, OptionError, type_table
 
 # native type: (precision class, approximate bits per weight, optimum-cli --weight-format)
-OV_TYPES: dict[str, tuple[str, float, str]] = {
-    "fp32": ("fp32", 32.0, "fp32"),
-    "fp16": ("fp16", 16.0, "fp16"),
-    "int8_asym": ("int8", 8.1, "int8"),
-    "int8_sym": ("int8", 8.05, "int8"),
-    "int4_asym": ("int4", 4.6, "int4"),  # embeddings and lm_head stay int8 (NNCF's backup mode)
-    "int4_sym": ("int4", 4.5, "int4"),
-}
+OV_TYPES = type_table(
+    NativeType("fp32", "fp32", 32.0),
+    NativeType("fp16", "fp16", 16.0),
+    NativeType("int8_asym", "int8", 8.1),
+    NativeType("int8_sym", "int8", 8.05),
+    NativeType("int4_asym", "int4", 4.6),  # embeddings and lm_head stay int8 (NNCF's backup mode)
+    NativeType("int4_sym", "int4", 4.5),
+)
+# native type -> optimum-cli --weight-format
+WEIGHT_FORMAT = {"fp32": "fp32", "fp16": "fp16", "int8_asym": "int8", "int8_sym": "int8", "int4_asym": "int4",
+                 "int4_sym": "int4"}
 # the element type NNCF stores each mode's weights in
 WEIGHT_TYPE = {"int8_asym": "u8", "int8_sym": "i8", "int4_asym": "u4", "int4_sym": "i4", "fp16": "f16"}
 # options -> optimum-cli flag; all of them tune 4-bit compression only
@@ -49,6 +53,23 @@ SOURCE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config
 RT_INFO_KEYS = ("mode", "group_size", "ratio", "awq", "scale_estimation", "gptq", "all_layers", "backup_mode")
 
 
+@dataclass(frozen=True)
+class OpenVINODetails(Details):
+    export_seconds: float
+    peak_rss_bytes: int
+    weight_format: str
+    # NNCF's own record of the compression (None for fp16/fp32), see compression_parameters
+    mode: str | None = None
+    group_size: int | None = None
+    ratio: float | None = None
+    awq: bool | None = None
+    scale_estimation: bool | None = None
+    gptq: bool | None = None
+    all_layers: bool | None = None
+    backup_mode: str | None = None
+    dataset: str | None = None
+
+
 class OpenVINOBackend(Backend):
     name = "openvino"
     extra = "openvino"
@@ -58,39 +79,45 @@ class OpenVINOBackend(Backend):
     targets = ("cpu", "gpu", "npu")
     default_target = "cpu"
     precisions = {"fp32": "fp32", "fp16": "fp16", "int8": "int8_asym", "int4": "int4_asym"}
-    native_types = {name: NativeType(name, cls, bpw) for name, (cls, bpw, _) in OV_TYPES.items()}
+    native_types = OV_TYPES
     options = {"group_size": int, "ratio": float, "awq": bool, "scale_estimation": bool, "gptq": bool,
                "all_layers": bool, "dataset": str, "num_samples": int, "backup_precision": str}
     naming = Naming(repo="{model}-{precision}-ov", path="")
     template = "openvino.md.j2"
+
+    def check_options(self, native: str, target: str, options: Mapping[str, Any]) -> None:
+        if options and WEIGHT_FORMAT[native] != "int4":
+            raise OptionError(f"options {', '.join(sorted(options))} tune 4-bit compression only, not {native}")
 
     def tool_versions(self) -> dict[str, str]:
         names = ("optimum-intel", "optimum", "nncf", "openvino", "openvino-tokenizers", "openvino-genai",
                  "transformers", "torch")
         return {n: version(n) for n in names}
 
-    def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> list[Built]:
-        self.require()
-        commands = {v.id: export_command(snapshot.path, v.native, v.options) for v in variants}  # checks options first
-        built = []
-        for v in variants:
-            out = workdir / f"export-{v.id}"
-            log(f"{v.id}: exporting with optimum-intel ({' '.join(commands[v.id][3:])})")
-            seconds, peak_rss = _run(commands[v.id] + [str(out)], workdir / f"export-{v.id}.log")
-            log(f"{v.id}: exported in {seconds:.1f} s, peak RSS {peak_rss / 2**20:.0f} MiB")
-            _tidy(out, snapshot)
-            dest = repo_dir / v.path
-            dest.mkdir(parents=True, exist_ok=True)
-            files = []
-            for f in sorted(out.iterdir()):
-                shutil.move(str(f), dest / f.name)
-                files.append((Path(v.path) / f.name).as_posix())
-            details = {"export_seconds": round(seconds, 2), "peak_rss_bytes": peak_rss,
-                       "weight_format": OV_TYPES[v.native][2], **compression_parameters(dest / MODEL_FILES[0])}
-            if details.get("mode"):
-                details["dataset"] = _dataset(v.options)
-            built.append(Built(v.id, v.path, files, seconds, details))
-        return built
+    def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> dict[str, Built]:
+        return {v.id: self._build_one(snapshot, v, repo_dir, workdir, log) for v in variants}
+
+    def _build_one(self, snapshot, v, repo_dir: Path, workdir: Path, log: Log) -> Built:
+        out = workdir / f"export-{v.id}"
+        cmd = export_command(snapshot.path, v.native, v.options)
+        log(f"{v.id}: exporting with optimum-intel ({' '.join(cmd[3:])})")
+        tmp = workdir / "tmp"  # the export stages the whole model in TMPDIR: keep it on --workdir's disk
+        tmp.mkdir(exist_ok=True)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TMPDIR": str(tmp)}
+        run = run_tool(cmd + [str(out)], workdir / f"export-{v.id}.log", what="optimum-cli export openvino",
+                       log=log, env=env, check=(out / MODEL_FILES[0]).is_file)
+        log(f"{v.id}: exported in {run.seconds:.1f} s, peak RSS {run.peak_rss_bytes / 2**20:.0f} MiB")
+        _tidy(out, snapshot)
+        dest = repo_dir / v.path
+        dest.mkdir(parents=True, exist_ok=True)
+        files = []
+        for f in sorted(out.iterdir()):
+            shutil.move(str(f), dest / f.name)
+            files.append((Path(v.path) / f.name).as_posix())
+        compression = compression_parameters(dest / MODEL_FILES[0])
+        details = OpenVINODetails(run.seconds, run.peak_rss_bytes, WEIGHT_FORMAT[v.native], **compression,
+                                  dataset=_dataset(v.options) if compression.get("mode") else None)
+        return Built(files, run.seconds, details)
 
     def inspect(self, snapshot, variant, repo_dir: Path) -> dict[str, Any]:
         return inspect_ir(repo_dir / variant.path, snapshot, variant.native)
@@ -104,24 +131,18 @@ class OpenVINOBackend(Backend):
         return OpenVINORuntime(repo_dir / variant.path, device)
 
 
-BACKEND = OpenVINOBackend
-
-
-def _dataset(options: dict[str, Any]) -> str | None:
+def _dataset(options: Mapping[str, Any]) -> str | None:
     if options.get("dataset"):
         return options["dataset"]
     return "auto" if any(options.get(k) for k in DATA_AWARE) else None
 
 
-def export_command(model_dir: Path, native: str, options: dict[str, Any]) -> list[str]:
-    """The optimum-cli command line for one variant, without the output folder."""
-    fmt = OV_TYPES[native][2]
+def export_command(model_dir: Path, native: str, options: Mapping[str, Any]) -> list[str]:
+    """The optimum-cli command line for one variant (options already checked), without the output folder."""
     cmd = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino", "-m", str(model_dir),
-           "--task", "text-generation-with-past", "--weight-format", fmt]
+           "--task", "text-generation-with-past", "--weight-format", WEIGHT_FORMAT[native]]
     if native.endswith("_sym"):
         cmd.append("--sym")
-    if options and fmt != "int4":
-        raise BuildError(f"options {', '.join(sorted(options))} tune 4-bit compression only, not {native}")
     options = {**options, "dataset": _dataset(options)}
     for key, value in options.items():
         if value is True:
@@ -129,23 +150,6 @@ def export_command(model_dir: Path, native: str, options: dict[str, Any]) -> lis
         elif value not in (False, None):
             cmd += [INT4_FLAGS[key], str(value)]
     return cmd
-
-
-def _run(cmd: list[str], log_file: Path) -> tuple[float, int]:
-    """Run one export; return its wall time and the peak RSS of the process tree (bytes)."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    started = time.monotonic()
-    with log_file.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's so far
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.monotonic() - started
-    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    if proc.returncode:
-        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
-        raise BuildError(f"optimum-cli export openvino failed (exit {proc.returncode}); "
-                         f"last lines of {log_file}:\n{tail}")
-    return seconds, peak
 
 
 def _tidy(out: Path, snapshot) -> None:
@@ -263,12 +267,27 @@ class OpenVINORuntime:
         import openvino_genai as og
 
         self.ov, self.og = ov, og
-        config = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"} if device == "CPU" else {}
+        self.folder, self.device = folder, device
+        self.config = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"} if device == "CPU" else {}
         self.tokenizer = og.Tokenizer(str(folder))
-        self.pipe = og.LLMPipeline(str(folder), device, **config)
-        model = ov.Core().read_model(folder / MODEL_FILES[0])
-        self.inputs = {i.get_any_name() for i in model.inputs}
-        self.request = ov.Core().compile_model(model, device, config).create_infer_request()
+        self._pipe = self._request = None  # each holds a compiled copy of the weights: only one at a time
+        self.inputs: set[str] = set()
+
+    @property
+    def request(self):
+        if self._request is None:
+            self._pipe = None
+            model = self.ov.Core().read_model(self.folder / MODEL_FILES[0])
+            self.inputs = {i.get_any_name() for i in model.inputs}
+            self._request = self.ov.Core().compile_model(model, self.device, self.config).create_infer_request()
+        return self._request
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            self._request = None
+            self._pipe = self.og.LLMPipeline(str(self.folder), self.device, **self.config)
+        return self._pipe
 
     def tokenize(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=True).input_ids.data[0]]
@@ -297,4 +316,5 @@ class OpenVINORuntime:
         return [int(t) for t in self.pipe.generate(inputs, config).tokens[0]]
 
     def close(self) -> None:
-        del self.pipe, self.request, self.tokenizer
+        self._pipe = self._request = None
+        del self.tokenizer

@@ -8,7 +8,7 @@ import click
 
 from .. import __version__
 from ..recipe import load_families, recipes_dir
-from . import build, plan, publish, recipes, status, watch
+from . import build, plan, publish, recipes, reference, status, watch
 
 
 class Context:
@@ -41,6 +41,7 @@ def main(ctx: click.Context, recipes_dir: Path | None) -> None:
 main.add_command(recipes.recipes)
 main.add_command(plan.plan)
 main.add_command(build.build)
+main.add_command(reference.reference)
 main.add_command(publish.publish)
 main.add_command(watch.watch)
 main.add_command(status.status)

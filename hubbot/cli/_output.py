@@ -1,9 +1,9 @@
-"""Output helpers shared by every command: progress on stderr, tables, errors, secret redaction."""
+"""Output helpers shared by every command: progress on stderr, tables (terminal and Actions summary),
+errors; everything shown goes through ``hubbot.secrets.redact``."""
 
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -14,31 +14,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .. import actions
 from ..errors import HubbotError
+from ..secrets import redact
 
 # Logs and CI capture are no terminal: give tables room instead of rich's default 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 160
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
 out_console = Console(highlight=False, soft_wrap=True, width=_WIDTH)
 _started = time.monotonic()
-
-
-def _secrets() -> list[str]:
-    found = [os.environ.get(k, "") for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")]
-    try:
-        from huggingface_hub import get_token
-
-        found.append(get_token() or "")
-    except Exception:  # noqa: BLE001 - redaction must never fail
-        pass
-    return [s for s in found if len(s) >= 8]
-
-
-def redact(text: str) -> str:
-    """Remove the Hub token from anything about to be shown."""
-    for secret in _secrets():
-        text = text.replace(secret, "***")
-    return text
 
 
 def progress(message: str) -> None:
@@ -53,6 +37,12 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], con
     for row in rows:
         t.add_row(*(redact(str(c)) for c in row))
     console.print(t)
+
+
+def report(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], summary_title: str | None = None) -> None:
+    """The same rows as a terminal table and, under GitHub Actions, as a step-summary table."""
+    table(title, columns, rows)
+    actions.summary_table(summary_title or title, columns, rows)
 
 
 def handle_errors(fn: Callable) -> Callable:

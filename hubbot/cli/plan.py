@@ -6,37 +6,43 @@ import json
 
 import click
 
-from .. import actions
+from .. import actions, preflight
 from ..card import human_size
-from ..plan import count_parameters, make_plan
+from ..plan import make_plan
+from ..publish import make_api
 from ..source import resolve
-from ._output import echo, handle_errors, table
+from ._options import endpoint_option, family_option, recipe_option
+from ._output import echo, handle_errors, progress, table
 
 
 @click.command()
 @click.argument("source")
-@click.option("--recipe", "-r", "recipe_name", help="Named recipe; default: the family's default recipe.")
-@click.option("--family", help="Family to use when SOURCE does not tell (e.g. a Hub id outside its patterns).")
+@recipe_option
+@family_option
 @click.option("--namespace", default="{namespace}", show_default=True, help="Hub namespace for the repo ids shown.")
+@endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @click.option("--github-matrix", "as_matrix", is_flag=True,
               help="Print a GitHub Actions matrix, one entry per variant ({\"include\": [{\"variant\": …}]}), "
                    "and under Actions also write it to GITHUB_OUTPUT as 'matrix'.")
 @click.pass_obj
 @handle_errors
-def plan(obj, source: str, recipe_name: str | None, family: str | None, namespace: str, as_json: bool,
-         as_matrix: bool) -> None:
-    """Show the repos and variants SOURCE × RECIPE would produce, with estimated sizes.
+def plan(obj, source: str, recipe_name: str | None, family: str | None, namespace: str, endpoint: str | None,
+         as_json: bool, as_matrix: bool) -> None:
+    """Show the repos and variants SOURCE × RECIPE would produce, with estimated sizes, peak RAM and disk.
 
     SOURCE is a family alias (phi-4), a Hub repo id (microsoft/phi-4[@revision]) or a local folder.
-    Nothing is downloaded: sizes are estimated from a local folder's safetensors headers.
+    Nothing is downloaded: sizes come from the safetensors headers (a local folder's, or a Hub
+    repo's read with ranged requests), RAM and disk from hubbot's cost table.
     """
     families = obj.families()
     ref = resolve(source, families, family)
     recipe = ref.family.recipe(recipe_name or ref.family.default_recipe)
-    the_plan = make_plan(ref, recipe, count_parameters(ref.path) if ref.is_local else None)
+    size = None if as_matrix else _source_size(ref, endpoint)
+    the_plan = make_plan(ref, recipe, size.parameters if size else None)
+    estimates = preflight.estimate(the_plan, size.parameters, size.dtype) if size else {}
     if as_json:
-        echo(the_plan.to_json(namespace))
+        echo(_plan_json(the_plan, namespace, size, estimates))
         return
     if as_matrix:
         matrix = json.dumps({"include": [{"variant": v.id, "repo": r.repo_id(namespace), "format": r.format,
@@ -47,6 +53,38 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
         return
     for repo in the_plan.repos:
         table(f"{repo.repo_id(namespace)}  ({repo.format}, recipe '{recipe.name}', hash {the_plan.recipe_hash(repo)})",
-              ["variant", "path in repo", "precision", "target", "min agreement", "est. size"],
+              ["variant", "path in repo", "precision", "target", "min agreement", "est. size", "peak RAM", "disk"],
               [(v.id, v.path, f"{v.native} ({v.precision_class})", v.target, f"{v.min_agreement:.2f}",
-                human_size(the_plan.estimated_bytes(v)) if the_plan.parameters else "?") for v in repo.variants])
+                human_size(the_plan.estimated_bytes(v)),
+                *((human_size(estimates[v.id].peak_ram_bytes), human_size(estimates[v.id].disk_bytes))
+                  if estimates else ("?", "?"))) for v in repo.variants])
+    if size:
+        echo(_machine_line(size, estimates))
+
+
+def _source_size(ref, endpoint: str | None) -> preflight.SourceSize | None:
+    try:
+        return preflight.source_size(ref, None if ref.is_local else make_api(endpoint))
+    except preflight.SizeUnknown as e:
+        progress(f"sizes unknown: {e}")
+        return None
+
+
+def _plan_json(the_plan, namespace: str, size: preflight.SourceSize | None,
+               estimates: dict[str, preflight.Estimate]) -> str:
+    per_variant = {v.id: {"estimated_peak_ram_bytes": estimates[v.id].peak_ram_bytes if size else None,
+                          "estimated_disk_bytes": estimates[v.id].disk_bytes if size else None}
+                   for v in the_plan.variants}
+    run = preflight.estimate_run(the_plan, size.parameters, size.dtype) if size else None
+    return the_plan.to_json(namespace, per_variant, parameters=size.parameters if size else None,
+                            dtype=size.dtype if size else None,
+                            run={"peak_ram_bytes": run.peak_ram_bytes, "disk_bytes": run.disk_bytes} if run else None,
+                            machine=preflight.machine())
+
+
+def _machine_line(size: preflight.SourceSize, estimates: dict[str, preflight.Estimate]) -> str:
+    memory = preflight.available_memory()
+    line = (f"{preflight.human_count(size.parameters)} parameters ({size.dtype}); this machine has "
+            f"{human_size(memory)} of memory available")
+    too_big = [e.variant_id for e in estimates.values() if memory is not None and e.peak_ram_bytes > memory]
+    return line + (f"; too big for it: {', '.join(too_big)}" if too_big else "; every variant fits")

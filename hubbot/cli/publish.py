@@ -6,32 +6,45 @@ from pathlib import Path
 
 import click
 
-from .. import actions
+from .. import actions, preflight
 from ..errors import UsageError, ValidationFailed
-from ..pipeline import Publisher, prepare, select
-from ..publish import FolderTarget, HubTarget, make_api, resolve_namespace
-from ._output import handle_errors, progress, table
+from ..pipeline import Publisher, RepoOutcome, prepare, select
+from ..publish import make_api
+from ._options import (
+    create_pr_option,
+    endpoint_option,
+    family_option,
+    make_target,
+    namespace_option,
+    no_preflight_option,
+    out_option,
+    recipe_option,
+    workdir_option,
+)
+from ._output import handle_errors, progress, report, table
+
+REPO_COLUMNS = ["repo", "status", "where", "files", "bytes"]
 
 
 @click.command()
 @click.argument("source", required=False)
-@click.option("--recipe", "-r", "recipe_name", help="Named recipe; default: the family's default recipe.")
-@click.option("--family", help="Family to use when SOURCE does not tell.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write each repo as a folder DIR/<repo name> instead of pushing (no Hub, no token).")
-@click.option("--namespace", help="Hub user or org to publish under. Default: the token's user ('local' with --out).")
-@click.option("--endpoint", envvar="HF_ENDPOINT", help="Hub endpoint. Default: HF_ENDPOINT or https://huggingface.co.")
-@click.option("--pr", "create_pr", is_flag=True, help="Open a pull request instead of pushing to main when the repo exists.")
-@click.option("--force", is_flag=True, help="Rebuild and publish even when the repo's hubbot.json says it is up to date.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where intermediate files go (default: the system temp folder); needs room for one F16 copy.")
+@recipe_option
+@family_option
+@out_option
+@namespace_option("the token's user ('local' with --out)")
+@endpoint_option
+@create_pr_option
+@click.option("--force", is_flag=True,
+              help="Rebuild and publish even when the repo's hubbot.json says it is up to date.")
+@workdir_option
+@no_preflight_option
 @click.option("--from-artifacts", "artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Publish the variants `hubbot build --variant` built into this folder (no SOURCE; builds nothing).")
 @click.pass_obj
 @handle_errors
 def publish(obj, source: str | None, recipe_name: str | None, family: str | None, out_dir: Path | None,
             namespace: str | None, endpoint: str | None, create_pr: bool, force: bool, workdir: Path | None,
-            artifacts: Path | None) -> None:
+            artifacts: Path | None, skip_preflight: bool) -> None:
     """Build every variant of SOURCE's RECIPE, validate it against the source, and publish.
 
     SOURCE is a family alias (phi-4), a Hub repo id (microsoft/phi-4[@revision]) or a local folder.
@@ -39,56 +52,45 @@ def publish(obj, source: str | None, recipe_name: str | None, family: str | None
     hubbot.json; a repo with a failing variant is not published at all. The Hub token comes from
     HF_TOKEN or `hf auth login` and is never printed.
 
-    Exit codes: 0 published or up to date, 1 validation or publish failed, 2 bad input,
-    3 a format's extra is not installed.
+    Before anything is downloaded, a preflight checks that each variant fits in the memory available
+    and the run in the free disk (`hubbot plan` shows the estimates); it refuses with exit 2.
+
+    Exit codes: 0 published or up to date, 1 validation or publish failed, 2 bad input or too big
+    for this machine, 3 a format's extra is not installed.
     """
     if artifacts:
         if source:
             raise UsageError("give SOURCE or --from-artifacts, not both")
-        return _from_artifacts(obj, artifacts, out_dir, namespace, endpoint, create_pr, force)
+        return _from_artifacts(obj, artifacts, make_target(out_dir, namespace, endpoint, create_pr), force)
     if not source:
         raise UsageError("missing SOURCE (a family alias, a Hub repo id or a local folder), or --from-artifacts DIR")
     ref, recipe = select(source, recipe_name, obj.families(), family)
-    if workdir:
-        workdir.mkdir(parents=True, exist_ok=True)
     api = make_api(endpoint)
-    if out_dir:
-        target = FolderTarget(out_dir, namespace or "local")
-    else:
-        target = HubTarget(api, resolve_namespace(api, namespace), create_pr=create_pr, log=progress)
+    if not skip_preflight:
+        preflight.check_source(ref, recipe, api, workdir=workdir, out_dir=out_dir, log=progress)
+    target = make_target(out_dir, namespace, endpoint, create_pr)
     the_plan, snapshot = prepare(ref, recipe, api)
     progress(f"source {snapshot.ref.display} at {snapshot.commit}; recipe '{the_plan.recipe.name}': "
              f"{len(the_plan.variants)} variants in {len(the_plan.repos)} repo(s)")
     outcomes = Publisher(target, log=progress, force=force, workdir=workdir).run(the_plan, snapshot)
     table("validation", ["repo", "variant", "agreement", "threshold", "result"],
-          [(o.repo_id, r.variant_id, "—" if r.agreement is None else f"{r.agreement:.3f}", f"{r.threshold:.2f}",
-            _verdict(r)) for o in outcomes for r in o.reports])
-    rows = [(o.repo_id, o.status, (o.push.pr_url or o.push.url) if o.push else o.message,
-             o.push.files if o.push else "", o.push.bytes if o.push else "") for o in outcomes]
-    table("repos", ["repo", "status", "where", "files", "bytes"], rows)
-    actions.summary_table("hubbot publish", ["repo", "status", "where", "files", "bytes"], rows)
-    actions.set_outputs(published=" ".join(o.repo_id for o in outcomes if o.status == "published"))
-    failed = [o.repo_id for o in outcomes if o.status == "failed"]
-    if failed:
-        raise ValidationFailed(f"not published: {', '.join(failed)}")
+          [(o.repo_id, r["variant_id"], "—" if r["agreement"] is None else f"{r['agreement']:.3f}",
+            f"{r['threshold']:.2f}", verdict(r)) for o in outcomes for r in o.reports])
+    _finish(outcomes)
 
 
-def _from_artifacts(obj, folder: Path, out_dir: Path | None, namespace: str | None, endpoint: str | None,
-                    create_pr: bool, force: bool) -> None:
+def _from_artifacts(obj, folder: Path, target, force: bool) -> None:
     from ..artifacts import load_builds, publish_builds
 
     builds = load_builds(folder)
-    api = make_api(endpoint)
-    if out_dir:
-        target = FolderTarget(out_dir, namespace or "local")
-    else:
-        target = HubTarget(api, resolve_namespace(api, namespace), create_pr=create_pr, log=progress)
     progress(f"{len(builds)} variant build(s) in {folder}")
-    outcomes = publish_builds(builds, obj.families(), target, log=progress, force=force)
+    _finish(publish_builds(builds, obj.families(), target, log=progress, force=force))
+
+
+def _finish(outcomes: list[RepoOutcome]) -> None:
     rows = [(o.repo_id, o.status, (o.push.pr_url or o.push.url) if o.push else o.message,
              o.push.files if o.push else "", o.push.bytes if o.push else "") for o in outcomes]
-    table("repos", ["repo", "status", "where", "files", "bytes"], rows)
-    actions.summary_table("hubbot publish", ["repo", "status", "where", "files", "bytes"], rows)
+    report("repos", REPO_COLUMNS, rows, summary_title="hubbot publish")
     actions.set_outputs(published=" ".join(o.repo_id for o in outcomes if o.status == "published"))
     failed = [o for o in outcomes if o.status == "failed"]
     for o in failed:
@@ -97,7 +99,7 @@ def _from_artifacts(obj, folder: Path, out_dir: Path | None, namespace: str | No
         raise ValidationFailed(f"not published: {', '.join(o.repo_id for o in failed)}")
 
 
-def _verdict(report) -> str:
-    if not report.passed:
-        return "FAILED: " + "; ".join(report.reasons)
-    return "passed" if report.executed else "passed structural checks (not run on this machine)"
+def verdict(report: dict) -> str:
+    if not report["passed"]:
+        return "FAILED: " + "; ".join(report["reasons"])
+    return "passed" if report["executed"] else "passed structural checks (not run on this machine)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..backends import get_backend
 from ._output import handle_errors, table
 
 
@@ -22,5 +23,10 @@ def list_(obj) -> None:
         table(f"{fam.title} — family '{fam.name}' ({fam.path.name}), default recipe '{fam.default_recipe}'",
               ["alias", "Hub repo"], [(m.alias, m.repo) for m in fam.models.values()])
         table(f"recipes of '{fam.name}'", ["recipe", "variants", "description"],
-              [(r.name, ", ".join(f"{v.format}:{v.precision}" + (f"@{v.target}" if v.target != "any" else "")
-                                  for v in r.variants), r.description) for r in fam.recipes.values()])
+              [(r.name, ", ".join(_variant(v) for v in r.variants), r.description) for r in fam.recipes.values()])
+
+
+def _variant(v) -> str:
+    """format:precision, with @target where it is not the format's default."""
+    default = get_backend(v.format).default_target
+    return f"{v.format}:{v.precision}" + (f"@{v.target}" if v.target != default else "")

@@ -12,9 +12,9 @@ import click
 from .. import actions
 from ..errors import UsageError, ValidationFailed
 from ..ledger import Ledger, default_path
-from ..publish import HubTarget, make_api, resolve_namespace
 from ..watch import ReleaseResult, Watcher
-from ._output import handle_errors, progress, table
+from ._options import endpoint_option, make_target, namespace_option, workdir_option
+from ._output import handle_errors, progress, report
 
 COLUMNS = ["release", "sha", "family", "result", "repos / reason"]
 
@@ -32,14 +32,13 @@ def _rows(results: list[ReleaseResult]) -> list[tuple]:
 @click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False, path_type=Path), envvar="HUBBOT_LEDGER",
               help=f"SQLite ledger of releases seen and variants built. Default: HUBBOT_LEDGER or {default_path()}")
 @click.option("--recipe", "-r", "recipe_name", help="Recipe to build. Default: each family's watch.default_recipe.")
-@click.option("--namespace", help="Hub user or org to publish under. Default: the token's user.")
-@click.option("--endpoint", envvar="HF_ENDPOINT", help="Hub endpoint. Default: HF_ENDPOINT or https://huggingface.co.")
+@namespace_option()
+@endpoint_option
 @click.option("--interval", type=click.IntRange(min=1), default=3600, show_default=True,
               help="Seconds between passes without --once.")
 @click.option("--max-attempts", type=click.IntRange(min=0), default=3, show_default=True,
               help="Stop retrying a failing release (same sha) after this many attempts; 0: retry forever.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where intermediate files go (default: the system temp folder).")
+@workdir_option
 @click.option("--collections/--no-collections", default=True, show_default=True,
               help="Give each release a Hub collection holding all its variant repos.")
 @click.pass_obj
@@ -65,10 +64,8 @@ def watch(obj, family_names: tuple[str, ...], once: bool, since: datetime | None
         if unknown:
             raise UsageError(f"unknown family {', '.join(unknown)}; known: {', '.join(families)}")
         families = {name: families[name] for name in family_names}
-    if workdir:
-        workdir.mkdir(parents=True, exist_ok=True)
-    api = make_api(endpoint)
-    target = HubTarget(api, resolve_namespace(api, namespace), log=progress)
+    target = make_target(None, namespace, endpoint)
+    api = target.api
     with Ledger(ledger_path) as ledger:
         progress(f"ledger {ledger.path}; publishing under '{target.namespace}' on {api.endpoint}")
         watcher = Watcher(api, families, ledger, target, recipe=recipe_name, log=progress,
@@ -102,14 +99,14 @@ def _group(release):
 
 def _report(results: list[ReleaseResult]) -> None:
     acted = [r for r in results if r.status not in ("known",)]
-    table(f"watch: {len(results)} release(s) listed, {len(acted)} new or changed", COLUMNS, _rows(acted))
+    report(f"watch: {len(results)} release(s) listed, {len(acted)} new or changed", COLUMNS, _rows(acted),
+           summary_title="hubbot watch")
     counts = {s: sum(r.status == s for r in results)
               for s in ("published", "up-to-date", "failed", "skipped", "known", "claimed-elsewhere")}
     progress(", ".join(f"{n} {s}" for s, n in counts.items()))
     for r in results:
         if r.status == "failed":
             actions.error(r.reason, title=f"{r.release.repo} failed")
-    actions.summary_table("hubbot watch", COLUMNS, _rows(acted))
     actions.set_outputs(published=counts["published"], failed=counts["failed"], skipped=counts["skipped"],
                         releases=" ".join(f"{r.release.repo}@{r.release.sha}" for r in acted
                                           if r.status == "published"))

@@ -1,0 +1,226 @@
+"""The reference: the source model's own answers to the recipe's prompts, which every variant is
+judged against.
+
+The source runs in transformers on CPU **in its own dtype** (bf16 for every Phi release): with
+the dtype of the safetensors files, transformers keeps the weights memory-mapped, so the
+reference holds file-backed pages the kernel can drop (``RssFile``), not a private copy
+(measured: anonymous memory does not grow when the model loads). An fp32 copy would hold 4
+bytes per parameter — 15 GB for a 3.8B model, 59 GB for phi-4.
+
+A reference is computed once per source commit and validation settings and cached on disk
+(``~/.cache/hubbot/references/<key>.json``); ``hubbot reference`` writes one to a file and
+``hubbot build --reference FILE`` reuses it, so N fanned-out build jobs do not each pay for it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import UsageError
+from .paths import cache_root
+from .recipe import Prompt, ValidationSettings, stable_hash
+
+Log = Callable[[str], None]
+FORMAT = 1  # bump when what a reference holds or how it is computed changes
+DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+@dataclass
+class PreparedPrompt:
+    name: str
+    chat: bool
+    text: str  # exactly what is tokenized (chat prompts already rendered)
+    ids: list[int]
+    continuation: list[int]  # the source model's greedy continuation
+    continuation_text: str
+    min_margin: float  # smallest top-1 minus top-2 logit along the continuation
+
+
+def source_dtype(config: dict[str, Any]) -> str:
+    """The dtype the reference runs in: the source's own (fp32 when the config does not say)."""
+    return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), "float32")
+
+
+def reference_key(commit: str, settings: ValidationSettings, dtype: str) -> str:
+    return stable_hash({"format": FORMAT, "commit": commit, "settings": asdict(settings), "dtype": dtype})[:24]
+
+
+class TransformersRuntime:
+    """The source model in transformers, in its own dtype."""
+
+    def __init__(self, model_dir: Path, dtype: str):
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.stop_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
+
+    def render(self, prompt: Prompt) -> str:
+        if not prompt.chat:
+            return prompt.text
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}],
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def logits(self, ids: Sequence[int]):
+        with self.torch.no_grad():
+            return self.model(self.torch.tensor([list(ids)])).logits[0].float()
+
+    def top1(self, ids: Sequence[int]) -> list[int]:
+        return self.logits(ids).argmax(-1).tolist()
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        inputs = self.torch.tensor([list(ids)])
+        with self.torch.no_grad():
+            out = self.model.generate(inputs, attention_mask=self.torch.ones_like(inputs),
+                                      max_new_tokens=max_new_tokens, do_sample=False,
+                                      eos_token_id=list(stop_ids) or None,
+                                      pad_token_id=self.tokenizer.pad_token_id or (list(stop_ids) or [0])[0])
+        return out[0, len(ids):].tolist()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def close(self) -> None:
+        self.model = None
+        gc.collect()
+
+
+@dataclass
+class Reference:
+    key: str
+    source_commit: str
+    dtype: str
+    stop_ids: list[int]
+    prompts: list[PreparedPrompt]
+    seconds: float = 0.0
+    tokenizer_dir: Path | None = None  # where decode() finds the source's tokenizer
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if not hasattr(self, "_tokenizer"):
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [{"name": p.name, "chat": p.chat, "prompt_tokens": len(p.ids),
+                 "continuation": p.continuation_text, "min_logit_margin": p.min_margin} for p in self.prompts]
+
+    def to_json(self) -> str:
+        data = {"hubbot": __version__, "format": FORMAT, "key": self.key, "source_commit": self.source_commit,
+                "dtype": self.dtype, "stop_ids": self.stop_ids, "seconds": self.seconds,
+                "prompts": [asdict(p) for p in self.prompts]}
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, tokenizer_dir: Path | None = None) -> Reference:
+        data = json.loads(text)
+        if data.get("format") != FORMAT:
+            raise ValueError(f"reference format {data.get('format')}, expected {FORMAT}")
+        return cls(data["key"], data["source_commit"], data["dtype"], data["stop_ids"],
+                   [PreparedPrompt(**p) for p in data["prompts"]], data.get("seconds", 0.0), tokenizer_dir)
+
+
+def compute_reference(model_dir: Path, commit: str, settings: ValidationSettings, config: dict[str, Any],
+                      log: Log = lambda _: None) -> Reference:
+    dtype = source_dtype(config)
+    log(f"running the source model in transformers ({dtype}, memory-mapped) on {len(settings.prompts)} prompts")
+    started = time.monotonic()
+    rt = TransformersRuntime(model_dir, dtype)
+    try:
+        prompts = []
+        for p in settings.prompts:
+            prompts.append(_prepare(rt, p, settings.max_new_tokens))
+            log(f"reference: prompt '{p.name}' done ({len(prompts)}/{len(settings.prompts)}, "
+                f"{time.monotonic() - started:.0f} s)")
+    finally:
+        rt.close()
+    return Reference(reference_key(commit, settings, dtype), commit, dtype, rt.stop_ids, prompts,
+                     round(time.monotonic() - started, 1), model_dir)
+
+
+def _prepare(rt: TransformersRuntime, prompt: Prompt, max_new_tokens: int) -> PreparedPrompt:
+    text = rt.render(prompt)
+    ids = rt.tokenize(text)
+    continuation = rt.generate(ids, max_new_tokens, rt.stop_ids)
+    logits = rt.logits(ids + continuation)[len(ids) - 1: len(ids) - 1 + len(continuation)]
+    top2 = logits.topk(2, dim=-1).values
+    margin = float((top2[:, 0] - top2[:, 1]).min()) if len(continuation) else 0.0
+    return PreparedPrompt(prompt.name, prompt.chat, text, ids, continuation, rt.decode(continuation), round(margin, 3))
+
+
+def cache_path(key: str) -> Path:
+    return cache_root() / "references" / f"{key}.json"
+
+
+def read_reference_file(path: Path, expected_key: str, tokenizer_dir: Path) -> Reference:
+    """A reference passed with ``--reference``: it must be of this source commit and these settings."""
+    try:
+        reference = Reference.from_json(Path(path).read_text(), tokenizer_dir)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: not a hubbot reference ({type(e).__name__}: {e}); make one with "
+                         f"`hubbot reference SOURCE --out FILE`") from None
+    if reference.key != expected_key:
+        raise UsageError(f"{path}: the reference is of source commit {reference.source_commit} (key "
+                         f"{reference.key}), not of this source and recipe's validation settings (key {expected_key})")
+    return reference
+
+
+def obtain_reference(model_dir: Path, commit: str, settings: ValidationSettings, config: dict[str, Any],
+                     log: Log = lambda _: None, preset: Path | None = None) -> Reference:
+    """The reference for this source commit: from ``preset``, the disk cache, or computed (and cached)."""
+    key = reference_key(commit, settings, source_dtype(config))
+    if preset:
+        log(f"using the reference in {preset}")
+        return read_reference_file(preset, key, model_dir)
+    cached = cache_path(key)
+    if cached.is_file():
+        try:
+            reference = Reference.from_json(cached.read_text(), model_dir)
+            log(f"using the cached reference {cached} (computed in {reference.seconds:.0f} s)")
+            return reference
+        except (ValueError, KeyError, TypeError):
+            cached.unlink(missing_ok=True)
+    reference = compute_reference(model_dir, commit, settings, config, log)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(".part")
+    partial.write_text(reference.to_json())
+    partial.replace(cached)
+    return reference
+
+
+class LazyReference:
+    """The reference, obtained the first time a variant needs it (never, when every repo is up to date
+    or no variant can run here)."""
+
+    def __init__(self, snapshot, log: Log = lambda _: None, preset: Path | None = None):
+        self.snapshot = snapshot
+        self.log = log
+        self.preset = preset
+        self._reference: Reference | None = None
+
+    def get(self) -> Reference:
+        if self._reference is None:
+            s = self.snapshot
+            self._reference = obtain_reference(s.path, s.commit, s.ref.family.validation, s.config, self.log,
+                                               self.preset)
+        return self._reference
+
+    def summary(self) -> list[dict[str, Any]]:
+        return self._reference.summary() if self._reference else []

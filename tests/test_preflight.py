@@ -1,0 +1,385 @@
+"""Preflight: memory and disk are checked from safetensors headers before anything is downloaded.
+
+A phi-4-shaped folder (14.66B bf16 parameters, Phi3's real tensor names) is a real safetensors
+header followed by a sparse 29 GB hole: it costs no disk, and nothing here reads past its header.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hubbot import preflight
+from hubbot.backends import costs, formats
+from hubbot.cli import main
+from hubbot.errors import UsageError
+from hubbot.plan import count_parameters, make_plan
+from hubbot.recipe import load_families
+from hubbot.source import SourceRef
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "examples" / "tiny-phi3"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
+GiB = 2**30
+
+PHI4 = {"hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 10,
+        "intermediate_size": 17920, "vocab_size": 100352}
+PHI35_MINI = {"hidden_size": 3072, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+              "intermediate_size": 8192, "vocab_size": 32064}
+EDGE_ONNX_CPU_INT4 = "onnx-cpu-int4-rtn-block-32-acc-level-4"
+
+
+def phi3_tensors(shape: dict[str, int]) -> dict[str, list[int]]:
+    """Phi3ForCausalLM's tensors (untied lm_head, fused qkv and gate_up), in safetensors' order."""
+    h, inter, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    head_dim = h // shape["num_attention_heads"]
+    qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * head_dim
+    tensors = {"lm_head.weight": [vocab, h], "model.embed_tokens.weight": [vocab, h], "model.norm.weight": [h]}
+    for i in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors |= {p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h],
+                    p + "mlp.down_proj.weight": [h, inter], p + "mlp.gate_up_proj.weight": [2 * inter, h],
+                    p + "self_attn.o_proj.weight": [h, h], p + "self_attn.qkv_proj.weight": [qkv, h]}
+    return dict(sorted(tensors.items()))
+
+
+def n_params(shape: dict[str, int]) -> int:
+    total = 0
+    for dims in phi3_tensors(shape).values():
+        count = 1
+        for d in dims:
+            count *= d
+        total += count
+    return total
+
+
+def write_sparse_safetensors(path: Path, tensors: dict[str, list[int]], dtype: str = "BF16", itemsize: int = 2) -> int:
+    """A real header, then a hole as long as the data: the file has its full size and no blocks."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dims in tensors.items():
+        size = itemsize
+        for d in dims:
+            size *= d
+        header[name] = {"dtype": dtype, "shape": dims, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + offset)
+    return offset
+
+
+@pytest.fixture
+def phi4_shaped(tmp_path) -> Path:
+    folder = tmp_path / "phi4-shaped"
+    folder.mkdir()
+    config = json.loads((TINY / "config.json").read_text())
+    config.update(PHI4, dtype="bfloat16", max_position_embeddings=16384, original_max_position_embeddings=16384)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(TINY / name, folder / name)
+    write_sparse_safetensors(folder / "model.safetensors", phi3_tensors(PHI4))
+    return folder
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Fail the test if a command gets past the preflight to the download or the build."""
+    def reached(*args, **kwargs):
+        raise AssertionError("the command went on to download/build")
+
+    monkeypatch.setattr("hubbot.cli.publish.prepare", reached)
+    monkeypatch.setattr("hubbot.cli.build.build_variant", reached)
+
+
+class Reached(UsageError):
+    """Raised by a stand-in for the stage after the preflight."""
+
+
+@pytest.fixture
+def next_stage(monkeypatch):
+    def reached(*args, **kwargs):
+        raise Reached("reached the stage after the preflight")
+
+    monkeypatch.setattr("hubbot.cli.publish.prepare", reached)
+    monkeypatch.setattr("hubbot.cli.build.build_variant", reached)
+
+
+def machine(monkeypatch, memory: str, disk: str = "10TB") -> None:
+    monkeypatch.setenv(preflight.MEMORY_ENV, memory)
+    monkeypatch.setenv(preflight.DISK_ENV, disk)
+
+
+def plan_for(shape: dict[str, int], recipe: str = "edge", local: bool = True):
+    family = load_families()["phi"]
+    ref = SourceRef("x", family, "shaped", path=Path("/nonexistent/shaped")) if local else \
+        SourceRef("x", family, "shaped", repo_id="someone/shaped")
+    return make_plan(ref, family.recipe(recipe), n_params(shape))
+
+
+# ------------------------------------------------------------------------------- the CLI refuses
+def test_sparse_folder_is_phi4_sized_and_costs_no_disk(phi4_shaped):
+    weights = phi4_shaped / "model.safetensors"
+    assert count_parameters(phi4_shaped) == n_params(PHI4) == 14_659_507_200
+    assert weights.stat().st_size > 29e9
+    assert weights.stat().st_blocks * 512 < 10**6
+
+
+def test_publish_phi4_edge_refused_before_anything(phi4_shaped, tmp_path, monkeypatch, no_download):
+    machine(monkeypatch, "24GiB", disk="50GB")
+    out = tmp_path / "preview"
+    result = CliRunner().invoke(main, ["publish", str(phi4_shaped), "--recipe", "edge", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    message = result.output
+    assert "Error: preflight:" in message and "Traceback" not in message
+    assert "phi4-shaped (recipe 'edge')" in message
+    assert "than the 25.8 GB available here" in message  # 24 GiB, in GB
+    # the reference every variant needs, once; then each variant's build step and validation
+    assert message.count("validating any variant takes ~29.3 GB for the source model in transformers in bf16") == 1
+    assert (f"  {EDGE_ONNX_CPU_INT4}: build ~39.1 GB (the onnxruntime-genai builder's fp32 model); "
+            "validation ~47.3 GB (+ ~17.5 GB for the variant in onnxruntime-genai)") in message
+    assert "  openvino-int4_asym: build ~39.1 GB (optimum-intel's OpenVINO export (int4)); validation" in message
+    assert "  gguf-Q4_K_M: build ~3.0 GB (llama.cpp's converter to F16/BF16); validation ~41.9 GB" in message
+    assert "  onnx-gpu-int4-rtn-block-32: build ~39.1 GB (the onnxruntime-genai builder's fp16 model)" in message
+    assert "on the disk of" in message and "which has 50.0 GB free" in message
+    assert "run on a machine with 148.1 GB of memory" in message  # onnx-cpu-fp32: its fp32 model in ORT
+    assert "--no-preflight" in message and "--workdir" in message
+    assert not out.exists()
+
+
+def test_build_onnx_variant_refused(phi4_shaped, tmp_path, monkeypatch, no_download):
+    machine(monkeypatch, "24GiB")
+    out = tmp_path / "built"
+    result = CliRunner().invoke(main, ["build", str(phi4_shaped), "--recipe", "edge", "--variant", EDGE_ONNX_CPU_INT4,
+                                       "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "preflight: 1 of 1 variant(s)" in result.output
+    assert f"{EDGE_ONNX_CPU_INT4}: build ~39.1 GB" in result.output
+    assert "openvino" not in result.output  # only the variant asked for
+    assert not out.exists()
+
+
+def test_a_machine_big_enough_goes_on(phi4_shaped, tmp_path, monkeypatch, next_stage):
+    machine(monkeypatch, "1TB")
+    result = CliRunner().invoke(main, ["publish", str(phi4_shaped), "--recipe", "edge", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "reached the stage after the preflight" in result.output, result.output
+    assert "preflight: 14.66B parameters (BF16); peak RAM ~" in result.output
+
+
+def test_build_with_a_precomputed_reference_needs_no_source_model(phi4_shaped, tmp_path, monkeypatch, next_stage):
+    machine(monkeypatch, "24GiB")
+    args = ["build", str(phi4_shaped), "--recipe", "edge", "--variant", "gguf-Q4_K_M", "--out", str(tmp_path / "o")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "validation ~41.9 GB" in refused.output, refused.output
+    reference = tmp_path / "reference.json"
+    reference.write_text("{}")  # what `hubbot reference` writes; the stand-in build does not read it
+    result = CliRunner().invoke(main, [*args, "--reference", str(reference)])
+    assert result.exit_code == 2 and "reached the stage after the preflight" in result.output, result.output
+
+
+@pytest.mark.parametrize("command", [["publish", "--recipe", "edge"],
+                                     ["build", "--recipe", "edge", "--variant", EDGE_ONNX_CPU_INT4]])
+def test_no_preflight_skips_the_check(phi4_shaped, tmp_path, monkeypatch, next_stage, command):
+    machine(monkeypatch, "1GB", disk="1GB")
+    args = [command[0], str(phi4_shaped), *command[1:], "--out", str(tmp_path / "o")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "Error: preflight:" in refused.output
+    result = CliRunner().invoke(main, [*args, "--no-preflight"])
+    assert result.exit_code == 2 and "reached the stage after the preflight" in result.output, result.output
+    assert "preflight" not in result.output.replace("after the preflight", "")
+
+
+def test_bad_memory_override_is_a_usage_error(phi4_shaped, tmp_path, monkeypatch, no_download):
+    monkeypatch.setenv(preflight.MEMORY_ENV, "lots")
+    result = CliRunner().invoke(main, ["publish", str(phi4_shaped), "--recipe", "edge", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "HUBBOT_AVAILABLE_MEMORY='lots' is not a size" in result.output
+
+
+# ------------------------------------------------------------------------------- plan shows it
+def test_plan_json_local_phi4(phi4_shaped, monkeypatch):
+    machine(monkeypatch, "24GiB", disk="80GB")
+    result = CliRunner().invoke(main, ["plan", str(phi4_shaped), "--recipe", "edge", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["parameters"] == 14_659_507_200 and data["dtype"] == "BF16"
+    assert data["machine"] == {"available_memory_bytes": 24 * GiB, "free_disk_bytes": 80 * 10**9,
+                               "disk_path": data["machine"]["disk_path"]}
+    variants = {v["id"]: v for r in data["repos"] for v in r["variants"]}
+    q4 = variants["gguf-Q4_K_M"]
+    assert q4["estimated_bytes"] == int(14_659_507_200 * 4.89 / 8)
+    assert q4["estimated_disk_bytes"] == q4["estimated_bytes"] + 2 * 14_659_507_200  # + the BF16 intermediate
+    onnx = variants[EDGE_ONNX_CPU_INT4]
+    assert onnx["estimated_peak_ram_bytes"] > 38e9  # the builder's fp32 model, bf16 reference + runtime
+    assert onnx["estimated_disk_bytes"] > 4 * 14_659_507_200  # the fp32 intermediate
+    assert data["run"]["peak_ram_bytes"] == max(v["estimated_peak_ram_bytes"] for v in variants.values())
+
+
+def test_plan_table_shows_ram_and_disk(phi4_shaped, monkeypatch):
+    machine(monkeypatch, "24GiB")
+    result = CliRunner().invoke(main, ["plan", str(phi4_shaped), "--recipe", "edge-gguf"])
+    assert result.exit_code == 0, result.output
+    assert "peak RAM" in result.stdout and "?" not in result.stdout
+    assert "14.66B parameters (BF16); this machine has 25.8 GB of memory available; too big for it:" in result.stdout
+
+
+def _shards(tmp_path: Path) -> dict[str, Path]:
+    """tiny-phi3's weights split in two shards with an index, as big models are published."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(TINY / "model.safetensors")
+    names = sorted(tensors)
+    files, weight_map = {}, {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, tmp_path / shard, metadata={"format": "pt"})
+        files[shard] = tmp_path / shard
+        weight_map |= {n: shard for n in part}
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                                 "weight_map": weight_map}))
+    return files | {index.name: index}
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_plan_json_hub_source_reads_headers_only(hub_env, tmp_path, monkeypatch, layout):
+    from huggingface_hub import HfApi
+
+    from tests.conftest import SENTINEL_TOKEN, USER
+
+    hub, repo = hub_env, f"{USER}/Phi-4-tiny-{layout}"
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    for f in TINY.iterdir():
+        if f.is_file() and not (layout == "sharded" and f.name == "model.safetensors"):
+            shutil.copyfile(f, upload / f.name)
+    if layout == "sharded":
+        for name, path in _shards(tmp_path).items():
+            shutil.move(path, upload / name)
+    api = HfApi(endpoint=hub.url, token=SENTINEL_TOKEN)
+    api.create_repo(repo)
+    api.upload_folder(repo_id=repo, folder_path=upload)
+    weights = {f"{repo}/{f.name}": f.stat().st_size for f in upload.glob("*.safetensors")}
+    hub.reset_counters()
+    machine(monkeypatch, "24GiB")
+
+    result = CliRunner().invoke(main, ["plan", repo, "--family", "phi", "--recipe", "edge", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["parameters"] == count_parameters(TINY) and data["dtype"] == "F32"
+    for v in (v for r in data["repos"] for v in r["variants"]):
+        assert v["estimated_bytes"] > 0 and v["estimated_peak_ram_bytes"] > 0
+        assert v["estimated_disk_bytes"] > count_parameters(TINY) * 4  # the source download is part of it
+    for key, size in weights.items():  # each weight file was read up to its header, never whole
+        assert 0 < hub.bytes_downloaded[key] < size, (key, hub.bytes_downloaded)
+
+
+def test_publish_hub_source_refused_without_downloading(hub_env, tmp_path, monkeypatch, no_download):
+    hub, repo = hub_env, "microsoft/Phi-4-tiny-refused"
+    hub.seed_repo(repo, {p.name: p for p in TINY.iterdir() if p.is_file()})
+    hub.reset_counters()
+    machine(monkeypatch, "100MB")
+    result = CliRunner().invoke(main, ["publish", repo, "--recipe", "edge-gguf", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Error: preflight: 3 of 3 variant(s)" in result.output, result.output
+    assert hub.bytes_downloaded[f"{repo}/model.safetensors"] <= 100_001  # the header read only
+    assert not any("/resolve/" in target and "config.json" in target for _, target, _ in hub.requests)
+
+
+# ------------------------------------------------------------------------------- the cost table
+def test_gguf_q4_of_a_3_8b_fits_a_16gb_runner_with_the_bf16_reference(monkeypatch):
+    plan = plan_for(PHI35_MINI, "edge-gguf")
+    assert 3.8e9 < plan.parameters < 3.83e9
+    estimates = preflight.estimate(plan, plan.parameters, "BF16")
+    assert all(e.build.ram_bytes < 3e9 for e in estimates.values())  # llama.cpp's tools stream
+    assert estimates["gguf-Q4_K_M"].peak_ram_bytes < 14e9
+    assert estimates["gguf-F16"].peak_ram_bytes > 14e9  # its 7.6 GB file in llama.cpp on top of the reference
+    monkeypatch.setattr(costs, "REFERENCE_DTYPE", "F32")  # as measured: 19.5 GB (Q4_K_M), 21.6 GB (Q8_0)
+    assert all(e.peak_ram_bytes > 19e9 for e in preflight.estimate(plan, plan.parameters, "BF16").values())
+
+
+def test_onnx_int4_of_phi4_does_not_fit_20gb():
+    plan = plan_for(PHI4)
+    estimates = preflight.estimate(plan, plan.parameters, "BF16")
+    assert estimates[EDGE_ONNX_CPU_INT4].peak_ram_bytes > 20e9
+    assert estimates["onnx-gpu-int4-rtn-block-32"].peak_ram_bytes > 20e9
+    with pytest.raises(preflight.PreflightError) as refused:
+        with pytest.MonkeyPatch.context() as mp:
+            machine(mp, "20GB")
+            preflight.check(plan, plan.parameters, "BF16", variant_ids=[EDGE_ONNX_CPU_INT4])
+    assert EDGE_ONNX_CPU_INT4 in str(refused.value) and refused.value.exit_code == 2
+
+
+# (variant, measured peak RSS in GB with validation, at Phi-3.5-mini's shape): shared/toolchain-notes.md
+MEASURED_3_8B = [("gguf-Q4_K_M", 19.5), ("gguf-Q8_0", 21.6), (EDGE_ONNX_CPU_INT4, 20.8),
+                 ("openvino-int4_asym", 22.9), ("openvino-int8_asym", 22.6), ("mlx-4bit", 20.7)]
+
+
+@pytest.mark.parametrize(("variant", "measured_gb"), MEASURED_3_8B)
+def test_the_table_covers_the_measured_peaks_without_overshooting(variant, measured_gb, monkeypatch):
+    monkeypatch.setattr(costs, "REFERENCE_DTYPE", "F32")  # the measured runs' fp32 reference
+    plan = plan_for(PHI35_MINI)
+    e = preflight.estimate(plan, plan.parameters, "BF16")[variant]
+    assert measured_gb * 1e9 <= e.peak_ram_bytes <= measured_gb * 1e9 * 1.25, e
+
+
+def test_build_steps_match_the_measurements():
+    n = n_params(PHI35_MINI)
+    # the quantizer measured 17.7 GB loading the fp32 model whole; it reads it memory-mapped since
+    assert costs.STEPS["onnx", "quantizer"].ram(n) < costs.STEPS["onnx", "builder-fp32"].ram(n)
+    assert costs.STEPS["onnx", "builder-fp32"].ram(n) >= 10.4e9
+    assert costs.STEPS["onnx", "builder-fp32"].disk(n) >= 15.25e9  # "15.3 GB", rounded
+    assert costs.STEPS["openvino", "export-int4"].ram(n) >= 9.9e9
+    assert costs.STEPS["openvino", "export-int8"].ram(n) >= 12.2e9
+    assert costs.STEPS["mlx", "convert"].ram(n) >= 3.1e9
+    assert costs.STEPS["gguf", "convert"].ram(n) < 2e9  # it streams
+
+
+def test_run_disk_is_source_plus_the_largest_repo_plus_outputs(tmp_path):
+    plan = plan_for(PHI4, local=False)
+    n = plan.parameters
+    run = preflight.estimate_run(plan, n, "BF16", workdir=tmp_path / "work", out_dir=tmp_path / "out")
+    needs = {d.what: d.bytes for d in run.disk}
+    onnx = next(r for r in plan.repos if r.format == "onnx")
+    onnx_outputs = sum(int(n * v.bits_per_weight / 8) for v in onnx.variants)
+    assert needs["the working files"] == 4 * n + onnx_outputs  # the fp32 ONNX intermediate + the repo
+    assert needs["the source download"] == 2 * n
+    assert needs["the output folders"] == sum(int(n * v.bits_per_weight / 8) for v in plan.variants)
+
+
+def test_costs_module_is_not_a_format():
+    assert "costs" not in formats()
+
+
+# ------------------------------------------------------------------------------- the machine
+def test_memory_override_units(monkeypatch):
+    for text, expected in (("25769803776", 24 * GiB), ("24GiB", 24 * GiB), ("24 GB", 24 * 10**9), ("512M", 512e6)):
+        monkeypatch.setenv(preflight.MEMORY_ENV, text)
+        assert preflight.available_memory() == expected
+
+
+def test_memory_from_meminfo_and_cgroup(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24576000 kB\nMemAvailable:   20000000 kB\n")
+    assert preflight._meminfo_available(meminfo) == 20000000 * 1024
+    root, me = tmp_path / "cgroup", tmp_path / "self-cgroup"
+    job = root / "runner" / "job"
+    job.mkdir(parents=True)
+    (root / "memory.max").write_text("max\n")
+    (root / "runner" / "memory.max").write_text(f"{16 * GiB}\n")
+    (root / "runner" / "memory.stat").write_text(f"anon {2 * GiB}\nfile {9 * GiB}\n")
+    (job / "memory.max").write_text("max\n")
+    me.write_text("0::/runner/job\n")
+    assert preflight._cgroup_available(root, me) == 14 * GiB  # page cache is not counted as used
+    me.write_text("0::/\n")
+    assert preflight._cgroup_available(root, me) is None  # no limit
+
+
+def test_real_machine_numbers_are_sane(tmp_path):
+    memory = preflight.available_memory()
+    assert memory is None or 0 < memory < 2**50
+    assert preflight.free_disk(tmp_path / "not" / "yet") == preflight.free_disk(tmp_path)
