@@ -131,10 +131,12 @@ DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 
 def reference_phase(parameters: int, dtype: str) -> Phase:
     """The source model in transformers, the same for every variant of a source."""
-    ref_dtype = costs.REFERENCE_DTYPE or dtype
-    per_param = DTYPE_BYTES.get(ref_dtype, 4)
-    return Phase(f"the source model in transformers in {DTYPE_NAMES.get(ref_dtype, ref_dtype)} ({per_param:g} B/param)",
-                 int(parameters * per_param))
+    if costs.REFERENCE_DTYPE is None or costs.REFERENCE_DTYPE == dtype:
+        return Phase(f"the source model in transformers ({DTYPE_NAMES.get(dtype, dtype)}, memory-mapped)",
+                     int(parameters * costs.REFERENCE_MAPPED_BYTES_PER_PARAM))
+    per_param = DTYPE_BYTES.get(costs.REFERENCE_DTYPE, 4)
+    return Phase(f"the source model in transformers in {DTYPE_NAMES.get(costs.REFERENCE_DTYPE)} "
+                 f"({per_param:g} B/param)", int(parameters * per_param))
 
 
 def runtime_phase(variant: Variant, file_bytes: int) -> Phase:

@@ -55,7 +55,8 @@ def outcome(mode: str, rc: int, note: str, out: Path, tail: str) -> str:
         return "passed" if mode != "hand" else "ok"
     if mode == "hubbot" and rc == 1:
         try:
-            report = json.loads((out / "build.json").read_text())["report"]
+            data = json.loads((out / "build.json").read_text())
+            report = data["result"]["report"] if "result" in data else data["report"]  # build.json before 154fb9c
         except (OSError, ValueError, KeyError):
             report = None
         if report is not None and not report.get("passed"):

@@ -2,13 +2,17 @@
 
 One frozen dataclass per step, keyed by format and step, in the style of gguf-py's
 ``constants.py``. Every factor is per parameter of the source model (plus a fixed part) and
-says where it comes from. Unless noted, the numbers are the real-size measurements in
-shared/toolchain-notes.md: a random-weight Phi3ForCausalLM of Phi-3.5-mini's shape (3.82B
-parameters, bf16, 7.6 GB), one ``hubbot build --variant`` per variant on 2 cores, peak RSS of the
-process tree; "small models" are the 200M/700M-parameter runs in the same notes. A benchmark
-will refine them: until then they lean high, so a refusal means "probably", a pass "likely".
+says where it comes from.
 
-Not a format: ``hubbot.backends.REGISTRY`` lists the formats.
+Memory is counted as the out-of-memory killer counts it: **anonymous** memory of the process tree
+(RssAnon). Memory-mapped weights (the safetensors source the tools and the reference read, the
+GGUF llama.cpp maps) are file-backed pages the kernel can drop; they make a run slower when they
+do not fit, not kill it, and are not in these numbers.
+
+Measured with ``benchmarks/scale.py`` (results in benchmarks/results/) on a random-weight
+Phi3ForCausalLM of Phi-3.5-mini's exact shape (3.82B parameters, bf16, 7.6 GB), one ``hubbot build
+--variant`` per variant on 2 cores with other jobs running, 2026-12-01. Rows marked "not measured"
+are guesses that lean high. Not a format: ``hubbot.backends.REGISTRY`` lists the formats.
 """
 
 from __future__ import annotations
@@ -49,12 +53,14 @@ class RuntimeCost:
 
 
 # --- validation: the source model in transformers, plus the variant in its own runtime ------------
-# The dtype the reference loads the source in; None: the source's own (hubbot.reference since
-# b445f1a: memory-mapped, 2 B/param for bf16, file-backed pages that must stay resident to run it).
-# "F32" is what the real-size runs measured: the fp32 reference settled at 15.1 GB at 3.8B (4 B/param).
+# The dtype the reference loads the source in; None: the source's own, memory-mapped by
+# transformers (hubbot.reference): measured 0.37 GB anonymous for the whole process at 3.8B (7.7 GB
+# file-backed). "F32" is the old fp32 copy (15.1 GB at 3.8B, 4 B/param), kept for comparison.
 REFERENCE_DTYPE: str | None = None
-# The hubbot process itself (Python, torch, transformers imported), under every step. Not
-# measured on its own; a typical torch + transformers import.
+# anonymous memory of a memory-mapped reference beyond the process: activations and logits
+REFERENCE_MAPPED_BYTES_PER_PARAM = 0.02
+# The hubbot process itself (Python, torch, transformers imported), under every step: the
+# reference process peaked at 0.37 GB at 3.8B, tool processes at 0.3-0.5 GB on tiny models.
 PROCESS_BYTES = GB // 2
 
 # bytes per element of safetensors dtypes (the names safetensors headers and the Hub use)
@@ -65,56 +71,49 @@ DTYPE_BYTES: dict[str, float] = {
 
 
 # --- build steps ---------------------------------------------------------------------------------
+# Each measured number is the step's own process-tree peak (hubbot.toolrun) at 3.8B; the factor
+# adds PROCESS_BYTES on top, so it leans a little high.
 STEPS: dict[tuple[str, str], ToolCost] = {
-    # llama.cpp's convert_hf_to_gguf.py streams tensors: ~1 GB at 3.8B (111 s), ~260 MB on tiny
-    # models; 0.1 B/param on top gives the notes' 2-4 GB extrapolation for phi-4 (largest tensor in
-    # fp32). Disk: the F16/BF16 intermediate, 2 B/param (F32 when an F32 variant is asked for).
+    # llama.cpp's convert_hf_to_gguf.py streams tensors: 1.30 GiB at 3.8B (86-111 s). Disk: the
+    # F16/BF16 intermediate, 2 B/param (F32 when an F32 variant is asked for).
     ("gguf", "convert"): ToolCost("llama.cpp's converter to F16/BF16", 0.1, GB, 2.0),
     ("gguf", "convert-f32"): ToolCost("llama.cpp's converter to F32", 0.1, GB, 4.0),
-    # llama_model_quantize BF16 -> Q4_K_M: 576 s at ~1 GB; -> Q8_0: 34 s at ~1 GB.
-    ("gguf", "quantize"): ToolCost("llama.cpp's quantizer", 0.1, GB),
-    # CPU int4/int8, step 1: the builder's fp32 model, 10.4 GB at 3.8B (2.7 B/param), written to
-    # disk as a 15.3 GB fp32 ONNX file (4.0 B/param); also the cpu fp32 variant itself.
-    ("onnx", "builder-fp32"): ToolCost("the onnxruntime-genai builder's fp32 model", 2.6, GB // 2, 4.0),
-    # CPU int4/int8, step 2: ORT's MatMulNBitsQuantizer. Measured loading the fp32 file whole: 17.7 GB
-    # at 3.8B (4.6 B/param). Since 9a8bdd7 it reads the weights memory-mapped, one MatMul at a time:
-    # not measured; it holds the quantized weights (int4 ~0.56, int8 ~1.06 B/param), roughly twice
-    # while saving, plus the fp32 tensors it leaves (embeddings: ~0.14 B/param at Phi's shapes).
-    ("onnx", "quantizer"): ToolCost("ORT's quantizer (fp32 weights memory-mapped)", 2.5, GB // 2),
-    # int4/int8 in one builder pass (cuda/dml/webgpu, k_quant, quantized embeddings): small models
-    # peaked 2.0 GB at 200M and 5.5 GB at 700M params, ~7 B/param (the notes extrapolate 28 GB at
-    # 3.8B); onnx.py's notes put the one-pass peak at about 7.3 B/param.
+    # llama.cpp's quantizer BF16 -> Q4_K_M: 0.5 GiB at 3.8B (210-346 s).
+    ("gguf", "quantize"): ToolCost("llama.cpp's quantizer", 0.02, GB // 10),
+    # The builder's fp32 model (step 1 of CPU int4/int8, and the cpu fp32 variant): 2.3 GiB at 3.8B;
+    # it writes a 15.3 GB fp32 ONNX file (4.0 B/param).
+    ("onnx", "builder-fp32"): ToolCost("the onnxruntime-genai builder's fp32 model", 0.5, 3 * GB // 10, 4.0),
+    # ORT's MatMulNBitsQuantizer reading the fp32 weights memory-mapped (step 2): 3.3 GiB at 3.8B
+    # for int4 (the largest of the two steps); int8 holds twice the quantized bytes: not measured.
+    ("onnx", "quantizer"): ToolCost("ORT's quantizer (fp32 weights memory-mapped)", 0.75, 3 * GB // 10),
+    # int4/int8 in one builder pass (dml/webgpu, k_quant, quantized embeddings): not measured in
+    # anonymous memory; the old total-RSS slope (2.0 GB at 200M, 5.5 GB at 700M params, 7.3 B/param).
     ("onnx", "builder-quantized"): ToolCost("the onnxruntime-genai builder quantizing in one pass", 7.3, GB // 2),
-    # fp16 in the builder: not measured; assumed like its fp32 model.
-    ("onnx", "builder-fp16"): ToolCost("the onnxruntime-genai builder's fp16 model", 2.6, GB // 2),
-    # optimum-cli export openvino: int4 9.9 GB at 3.8B (2.6 B/param; small models 1.1 GB at 200M and
-    # 2.4 GB at 700M, the same slope), int8 12.2 GB (3.2 B/param). The export writes ~7.3 GB to
-    # TMPDIR at 3.8B (~2 B/param), not to --workdir.
-    ("openvino", "export-int4"): ToolCost("optimum-intel's OpenVINO export (int4)", 2.6, GB // 2, 2.0),
-    ("openvino", "export-int8"): ToolCost("optimum-intel's OpenVINO export (int8)", 3.2, GB // 2, 2.0),
+    # The builder's fp16 model (step 1 of CUDA int4/int8, and cuda fp16): assumed like fp32.
+    ("onnx", "builder-fp16"): ToolCost("the onnxruntime-genai builder's fp16 model", 0.5, 3 * GB // 10, 2.0),
+    # optimum-cli export openvino int4: 2.86 GiB at 3.8B (130 s); int8: see benchmarks/results. It
+    # stages the model in TMPDIR (~2 B/param), which hubbot points at --workdir.
+    ("openvino", "export-int4"): ToolCost("optimum-intel's OpenVINO export (int4)", 0.6, 3 * GB // 10, 2.0),
+    ("openvino", "export-int8"): ToolCost("optimum-intel's OpenVINO export (int8)", 0.8, 3 * GB // 10, 2.0),
     # fp16/fp32 exports: not measured; guesses above int8 (the fp32 torch model is traced whole).
-    ("openvino", "export-fp16"): ToolCost("optimum-intel's OpenVINO export (fp16)", 4.0, GB // 2, 2.0),
-    ("openvino", "export-fp32"): ToolCost("optimum-intel's OpenVINO export (fp32)", 6.0, GB // 2, 2.0),
-    # mlx_lm.convert: 43 s at 3.1 GB at 3.8B (0.8 B/param; the notes extrapolate ~11 GB for phi-4).
-    # It writes only the variant's own folder.
-    ("mlx", "convert"): ToolCost("mlx_lm.convert", 0.8, GB // 5),
+    ("openvino", "export-fp16"): ToolCost("optimum-intel's OpenVINO export (fp16)", 2.0, GB // 2, 2.0),
+    ("openvino", "export-fp32"): ToolCost("optimum-intel's OpenVINO export (fp32)", 4.0, GB // 2, 2.0),
+    # mlx_lm.convert: 2.78 GiB at 3.8B (36 s). It writes only the variant's own folder.
+    ("mlx", "convert"): ToolCost("mlx_lm.convert", 0.6, GB // 5),
 }
 
-# --- the variant in its runtime during validation, on top of the reference ------------------------
-# The measured validation peaks grow with the variant's file (Q4_K_M 19.5 GB < Q8_0 21.6 GB) even
-# though validate.py frees the reference's weights before the variant loads, so the two are added:
-# validation = process + reference + runtime (whether the freed memory stays with the process is
-# for the benchmark to tell). Fitted at 3.8B on top of 15.3 GB (fp32 reference) + 0.5 GB (process).
+# --- the variant in its runtime during validation, on top of the process and the reference --------
+# Fitted at 3.8B on the whole build-and-validate run's anonymous peak minus PROCESS_BYTES (where the
+# build step was higher, that bounds the runtime from above).
 RUNTIMES: dict[str, RuntimeCost] = {
-    # llama.cpp maps the file: Q4_K_M (2.3 GB file) peaked at 19.5 GB, Q8_0 (4.1 GB) at 21.6 GB
-    "gguf": RuntimeCost("the variant in llama.cpp", 1.25, 9 * GB // 10),
-    # cpu-int4 (2.1 GB file) peaked at 20.8 GB
-    "onnx": RuntimeCost("the variant in onnxruntime-genai", 2.0, GB, targets=("cpu",)),
-    # int4_asym (2.2 GB file) 22.9 GB, int8_asym (3.9 GB) 22.6 GB; the notes: it loads the model twice
-    # (GenAI and Core). 2x leaves int8 3.7 GB high at 3.8B; since b445f1a validation holds one compiled
-# model at a time, not measured yet: 2x stays until the benchmark says otherwise
-    "openvino": RuntimeCost("the variant in OpenVINO", 2.0, 28 * GB // 10,
-                            targets=("cpu",)),
-    # mlx-4bit (2.1 GB file) reached 20.7 GB before it was stopped unfinished
-    "mlx": RuntimeCost("the variant in MLX", 2.0, GB),
+    # llama.cpp maps the file, but repacks K-quants for the CPU in anonymous buffers: Q4_K_M (2.4 GB
+    # file) peaked at 2.19 GiB for the whole run
+    "gguf": RuntimeCost("the variant in llama.cpp", 0.75, GB // 10),
+    # cpu-int4 (2.1 GB file): the run peaked at 3.69 GiB (its build step: 3.3 GiB)
+    "onnx": RuntimeCost("the variant in onnxruntime-genai", 1.5, GB // 5, targets=("cpu",)),
+    # int4_asym (2.2 GB file): the run peaked at 3.19 GiB (its export: 2.86 GiB); one compiled model
+    # at a time (GenAI for generation, Core for the teacher-forced passes)
+    "openvino": RuntimeCost("the variant in OpenVINO", 1.2, GB // 4, targets=("cpu",)),
+    # mlx-4bit (2.1 GB file): 2.6-3.2 GiB while validating on MLX's CPU backend
+    "mlx": RuntimeCost("the variant in MLX", 1.3, GB // 10),
 }
