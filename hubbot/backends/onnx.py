@@ -63,10 +63,10 @@ runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_
 # int4/int8 in two steps, each in its own process: the builder's unquantized model for the target
 # (BASE_PRECISION, which it streams to disk), then ORT's MatMulNBitsQuantizer on that file, exactly
 # what the builder's own int4 pass runs (same nodes, same bytes) but without the builder's source
-# weights and unquantized graph in memory at the same time. The base graph is loaded without its weights: the quantizer reads each MatMul
-# weight through onnx-ir, which memory-maps it from the external data file (resolved from the
-# working directory, hence the chdir), so only the quantized weights and the few tensors left in
-# fp32 (norms, embeddings) are ever held in memory.
+# weights and unquantized graph in memory at the same time. The base graph is loaded without its
+# weights: the quantizer reads each MatMul weight through onnx-ir, which memory-maps it from the
+# external data file (resolved from the working directory, hence the chdir), so only the quantized
+# weights and the few tensors left unquantized (norms, embeddings) are ever held in memory.
 QUANTIZER = """
 import os, sys, onnx
 from onnx.external_data_helper import load_external_data_for_model
