@@ -143,7 +143,7 @@ def runtime_phase(variant: Variant, file_bytes: int) -> Phase:
     cost = costs.RUNTIMES[variant.format]
     if cost.targets is not None and variant.target not in cost.targets:
         return Phase(f"no runtime ({variant.target} variants are checked structurally)", 0)
-    return Phase(cost.what, cost.ram(file_bytes))
+    return Phase(cost.what, cost.ram(file_bytes, variant.native))
 
 
 def file_bytes(variant: Variant, parameters: int) -> int:

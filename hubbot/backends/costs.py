@@ -47,9 +47,11 @@ class RuntimeCost:
     file_factor: float
     fixed_bytes: int
     targets: tuple[str, ...] | None = None  # the targets validation runs (the others are checked structurally)
+    native_factors: tuple[tuple[str, float], ...] = ()  # native types held differently (e.g. repacked)
 
-    def ram(self, file_bytes: int) -> int:
-        return int(file_bytes * self.file_factor + self.fixed_bytes)
+    def ram(self, file_bytes: int, native: str = "") -> int:
+        factor = dict(self.native_factors).get(native, self.file_factor)
+        return int(file_bytes * factor + self.fixed_bytes)
 
 
 # --- validation: the source model in transformers, plus the variant in its own runtime ------------
@@ -106,9 +108,10 @@ STEPS: dict[tuple[str, str], ToolCost] = {
 # Fitted at 3.8B on the whole build-and-validate run's anonymous peak minus PROCESS_BYTES (where the
 # build step was higher, that bounds the runtime from above).
 RUNTIMES: dict[str, RuntimeCost] = {
-    # llama.cpp maps the file, but repacks K-quants for the CPU in anonymous buffers: Q4_K_M (2.4 GB
-    # file) peaked at 2.19 GiB for the whole run
-    "gguf": RuntimeCost("the variant in llama.cpp", 0.75, GB // 10),
+    # llama.cpp maps the file (Q8_0, 4.1 GB file: the run peaked at 1.34 GiB, its converter's 1.3), but
+    # repacks 4-bit types for the CPU in anonymous buffers (Q4_K_M, 2.4 GB file: 2.19 GiB)
+    "gguf": RuntimeCost("the variant in llama.cpp", 0.1, GB // 10,
+                        native_factors=(("Q4_0", 0.75), ("Q4_K_S", 0.75), ("Q4_K_M", 0.75), ("IQ4_NL", 0.75))),
     # cpu-int4 (2.1 GB file): the run peaked at 3.69 GiB (its build step: 3.3 GiB)
     "onnx": RuntimeCost("the variant in onnxruntime-genai", 1.5, GB // 5, targets=("cpu",)),
     # int4_asym (2.2 GB file): the run peaked at 3.19 GiB (its export: 2.86 GiB); one compiled model
