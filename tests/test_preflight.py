@@ -146,12 +146,12 @@ def test_publish_phi4_edge_refused_before_anything(phi4_shaped, tmp_path, monkey
                          "(bf16, memory-mapped)") == 1
     assert "1 of 10 variant(s)" in message
     assert ("  onnx-cpu-fp32: build ~8.1 GB (the onnxruntime-genai builder's fp32 model); "
-            "validation ~89.0 GB (+ ~88.2 GB for the variant in onnxruntime-genai)") in message
+            "validation ~59.6 GB (+ ~58.8 GB for the variant in onnxruntime-genai)") in message
     for fits in ("gguf-Q4_K_M", "openvino-int4_asym", "mlx-4bit", EDGE_ONNX_CPU_INT4):
         assert f"  {fits}:" not in message
     # the ONNX repo's fp32 intermediate (58.6 GB) and outputs do not fit the disk either
     assert "needs 133.8 GB for the working files" in message and "which has 50.0 GB free" in message
-    assert "run on a machine with 89.0 GB of memory" in message
+    assert "run on a machine with 59.6 GB of memory" in message
     assert "--no-preflight" in message and "--workdir" in message
     assert not out.exists()
 
@@ -298,23 +298,27 @@ def test_publish_hub_source_refused_without_downloading(hub_env, tmp_path, monke
 # ------------------------------------------------------------------------------- the cost table
 # (variant, measured peak anonymous memory in GB of `hubbot build --variant` with validation, at
 # Phi-3.5-mini's shape, the reference memory-mapped): benchmarks/results/scale.md
-MEASURED_3_8B = [("gguf-Q4_K_M", 2.35), ("gguf-Q8_0", 1.44), (EDGE_ONNX_CPU_INT4, 3.96),
-                 ("openvino-int4_asym", 3.43), ("mlx-4bit", 3.41)]
+MEASURED_3_8B = [("gguf-Q4_K_M", 2.35), ("gguf-Q8_0", 1.44), ("gguf-F16", 1.39), (EDGE_ONNX_CPU_INT4, 3.96),
+                 ("onnx-cpu-fp32", 15.42), ("openvino-int4_asym", 3.43), ("mlx-4bit", 3.41)]
 
 
 @pytest.mark.parametrize(("variant", "measured_gb"), MEASURED_3_8B)
 def test_the_table_covers_the_measured_peaks_without_overshooting(variant, measured_gb):
     plan = plan_for(PHI35_MINI)
     e = preflight.estimate(plan, plan.parameters, "BF16")[variant]
-    assert measured_gb * 1e9 <= e.peak_ram_bytes <= measured_gb * 1e9 * 1.35, e
+    assert measured_gb * 1e9 <= e.peak_ram_bytes <= measured_gb * 1e9 * 1.4, e
 
 
-def test_every_measured_edge_variant_of_a_3_8b_fits_a_16gb_runner():
+def test_every_measured_edge_variant_of_a_3_8b_but_onnx_fp32_fits_a_16gb_runner(monkeypatch):
     plan = plan_for(PHI35_MINI)
     assert 3.8e9 < plan.parameters < 3.83e9
     estimates = preflight.estimate(plan, plan.parameters, "BF16")
     for variant, _ in MEASURED_3_8B:
-        assert estimates[variant].peak_ram_bytes < 14e9, estimates[variant]
+        if variant != "onnx-cpu-fp32":
+            assert estimates[variant].peak_ram_bytes < 14e9, estimates[variant]
+    machine(monkeypatch, "16GB")  # a hosted runner: ORT holding the 15.3 GB fp32 model does not fit it
+    with pytest.raises(preflight.PreflightError, match="onnx-cpu-fp32"):
+        preflight.check(plan, plan.parameters, "BF16", variant_ids=["onnx-cpu-fp32"])
     assert all(e.build.ram_bytes < 3e9 for v, e in estimates.items() if v.startswith("gguf"))  # llama.cpp streams
 
 

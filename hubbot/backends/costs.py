@@ -112,8 +112,10 @@ RUNTIMES: dict[str, RuntimeCost] = {
     # repacks 4-bit types for the CPU in anonymous buffers (Q4_K_M, 2.4 GB file: 2.19 GiB)
     "gguf": RuntimeCost("the variant in llama.cpp", 0.1, GB // 10,
                         native_factors=(("Q4_0", 0.75), ("Q4_K_S", 0.75), ("Q4_K_M", 0.75), ("IQ4_NL", 0.75))),
-    # cpu-int4 (2.1 GB file): the run peaked at 3.69 GiB (its build step: 3.3 GiB)
-    "onnx": RuntimeCost("the variant in onnxruntime-genai", 1.5, GB // 5, targets=("cpu",)),
+    # cpu-int4 (2.1 GB file): the run peaked at 3.69 GiB (its build step: 3.3 GiB); cpu-fp32 (15.3 GB file):
+    # 14.36 GiB, ORT holds the fp32 weights in anonymous memory (file pages are mapped beside them)
+    "onnx": RuntimeCost("the variant in onnxruntime-genai", 1.5, GB // 5, targets=("cpu",),
+                        native_factors=(("fp32", 1.0), ("fp16", 1.0))),
     # int4_asym (2.2 GB file): the run peaked at 3.19 GiB (its export: 2.86 GiB); one compiled model
     # at a time (GenAI for generation, Core for the teacher-forced passes)
     "openvino": RuntimeCost("the variant in OpenVINO", 1.2, GB // 4, targets=("cpu",)),
