@@ -93,10 +93,10 @@ STEPS: dict[tuple[str, str], ToolCost] = {
     ("onnx", "builder-quantized"): ToolCost("the onnxruntime-genai builder quantizing in one pass", 7.3, GB // 2),
     # The builder's fp16 model (step 1 of CUDA int4/int8, and cuda fp16): assumed like fp32.
     ("onnx", "builder-fp16"): ToolCost("the onnxruntime-genai builder's fp16 model", 0.5, 3 * GB // 10, 2.0),
-    # optimum-cli export openvino int4: 2.86 GiB at 3.8B (130 s); int8: see benchmarks/results. It
-    # stages the model in TMPDIR (~2 B/param), which hubbot points at --workdir.
+    # optimum-cli export openvino int4: 2.86 GiB at 3.8B (130 s); int8: 3.99 GiB (161 s). It stages
+    # the model in TMPDIR (~2 B/param), which hubbot points at --workdir.
     ("openvino", "export-int4"): ToolCost("optimum-intel's OpenVINO export (int4)", 0.6, 3 * GB // 10, 2.0),
-    ("openvino", "export-int8"): ToolCost("optimum-intel's OpenVINO export (int8)", 0.8, 3 * GB // 10, 2.0),
+    ("openvino", "export-int8"): ToolCost("optimum-intel's OpenVINO export (int8)", 0.95, 3 * GB // 10, 2.0),
     # fp16/fp32 exports: not measured; guesses above int8 (the fp32 torch model is traced whole).
     ("openvino", "export-fp16"): ToolCost("optimum-intel's OpenVINO export (fp16)", 2.0, GB // 2, 2.0),
     ("openvino", "export-fp32"): ToolCost("optimum-intel's OpenVINO export (fp32)", 4.0, GB // 2, 2.0),
@@ -116,8 +116,8 @@ RUNTIMES: dict[str, RuntimeCost] = {
     # 14.36 GiB, ORT holds the fp32 weights in anonymous memory (file pages are mapped beside them)
     "onnx": RuntimeCost("the variant in onnxruntime-genai", 1.5, GB // 5, targets=("cpu",),
                         native_factors=(("fp32", 1.0), ("fp16", 1.0))),
-    # int4_asym (2.2 GB file): the run peaked at 3.19 GiB (its export: 2.86 GiB); one compiled model
-    # at a time (GenAI for generation, Core for the teacher-forced passes)
+    # int4_asym (2.2 GB file): the run peaked at 3.19 GiB (its export: 2.86 GiB); int8_asym (3.9 GB):
+    # 4.37 GiB (export 3.99 GiB); one compiled model at a time (GenAI to generate, Core to score)
     "openvino": RuntimeCost("the variant in OpenVINO", 1.2, GB // 4, targets=("cpu",)),
     # mlx-4bit (2.1 GB file): 2.6-3.2 GiB while validating on MLX's CPU backend
     "mlx": RuntimeCost("the variant in MLX", 1.3, GB // 10),
