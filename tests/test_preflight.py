@@ -88,14 +88,19 @@ def phi4_shaped(tmp_path) -> Path:
     return folder
 
 
-@pytest.fixture
-def no_download(monkeypatch):
-    """Fail the test if a command gets past the preflight to the download or the build."""
+def _stop_after_preflight(monkeypatch, error: Exception) -> None:
+    """Replace the stage after the preflight (the download, or the build) by raising ``error``."""
     def reached(*args, **kwargs):
-        raise AssertionError("the command went on to download/build")
+        raise error
 
     monkeypatch.setattr("hubbot.cli.publish.prepare", reached)
     monkeypatch.setattr("hubbot.cli.build.build_variant", reached)
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Fail the test if a command gets past the preflight to the download or the build."""
+    _stop_after_preflight(monkeypatch, AssertionError("the command went on to download/build"))
 
 
 class Reached(UsageError):
@@ -104,11 +109,7 @@ class Reached(UsageError):
 
 @pytest.fixture
 def next_stage(monkeypatch):
-    def reached(*args, **kwargs):
-        raise Reached("reached the stage after the preflight")
-
-    monkeypatch.setattr("hubbot.cli.publish.prepare", reached)
-    monkeypatch.setattr("hubbot.cli.build.build_variant", reached)
+    _stop_after_preflight(monkeypatch, Reached("reached the stage after the preflight"))
 
 
 def machine(monkeypatch, memory: str, disk: str = "10TB") -> None:
