@@ -301,7 +301,7 @@ def test_publish_hub_source_refused_without_downloading(hub_env, tmp_path, monke
 # Phi-3.5-mini's shape, the reference memory-mapped): benchmarks/results/scale.md
 MEASURED_3_8B = [("gguf-Q4_K_M", 2.35), ("gguf-Q8_0", 1.44), ("gguf-F16", 1.39), (EDGE_ONNX_CPU_INT4, 3.96),
                  ("onnx-cpu-fp32", 15.42), ("onnx-gpu-int4-rtn-block-32", 3.18), ("openvino-int4_asym", 3.43),
-                 ("openvino-int8_asym", 4.69), ("mlx-4bit", 3.41)]
+                 ("openvino-int8_asym", 4.69), ("mlx-4bit", 3.41), ("mlx-8bit", 5.09)]
 
 
 @pytest.mark.parametrize(("variant", "measured_gb"), MEASURED_3_8B)

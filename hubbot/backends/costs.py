@@ -119,6 +119,7 @@ RUNTIMES: dict[str, RuntimeCost] = {
     # int4_asym (2.2 GB file): the run peaked at 3.19 GiB (its export: 2.86 GiB); int8_asym (3.9 GB):
     # 4.37 GiB (export 3.99 GiB); one compiled model at a time (GenAI to generate, Core to score)
     "openvino": RuntimeCost("the variant in OpenVINO", 1.2, GB // 4, targets=("cpu",)),
-    # mlx-4bit (2.1 GB file): 2.6-3.2 GiB while validating on MLX's CPU backend
+    # mlx-4bit (2.1 GB file): the run peaked at 3.18 GiB, mlx-8bit (4.1 GB file) at 4.74 GiB, validating
+    # on MLX's CPU backend
     "mlx": RuntimeCost("the variant in MLX", 1.3, GB // 10),
 }
