@@ -74,8 +74,9 @@ def build_variant(spec: str, recipe_name: str | None, variant_id: str, out: Path
         results = build_and_validate(backend, [variant], snapshot, out / "files", Path(tmp), reference, log)
     record = RepoRecord(repo.name, plan, repo, SourceInfo.from_snapshot(snapshot), results, reference.summary(),
                         backend.tool_versions())
-    (out / BUILD_FILE).write_text(build_json(record, variant_id))
-    build = VariantBuild(out, json.loads((out / BUILD_FILE).read_text()))
+    text = build_json(record, variant_id)
+    (out / BUILD_FILE).write_text(text)
+    build = VariantBuild(out, json.loads(text))
     report = results[variant_id].report
     verdict = "passed" if report["passed"] else "FAILED: " + "; ".join(report["reasons"])
     log(f"{variant_id}: built into {out} — {verdict}")
@@ -133,8 +134,8 @@ def _publish_repo(plan: Plan, repo: RepoPlan, source: SourceInfo, by_variant: di
         return RepoOutcome(repo_id, "failed", message="the variants were built with different tool versions")
     record = RepoRecord(repo_id, plan, repo, source, {b.variant_id: b.result for b in builds},
                         builds[0].data["reference"], tools)
-    if not record.failed and up_to_date(target, repo_id, record.key, force):
-        log(f"{repo_id}: up to date (source {source.commit[:12]}, recipe {plan.recipe_hash(repo)})")
+    if not record.failed and up_to_date(target, repo_id, record.key, plan=plan, repo=repo, commit=source.commit,
+                                        force=force, log=log):
         return RepoOutcome(repo_id, "up-to-date")
     with tempfile.TemporaryDirectory(prefix="hubbot-") as tmp:
         repo_dir = Path(tmp)

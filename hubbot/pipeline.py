@@ -34,7 +34,7 @@ Log = Callable[[str], None]
 class RepoOutcome:
     repo_id: str
     status: str  # published | up-to-date | unchanged | failed
-    reports: list[VariantReport | dict[str, Any]] = field(default_factory=list)
+    reports: list[dict[str, Any]] = field(default_factory=list)  # VariantReport.to_dict() of each variant
     push: PushResult | None = None
     message: str = ""
 
@@ -126,9 +126,14 @@ def _keep_failed_report(staged: StagedRepo) -> Path:
     return kept
 
 
-def up_to_date(target: Target, repo_id: str, key: str, force: bool) -> bool:
+def up_to_date(target: Target, repo_id: str, key: str, *, plan: Plan, repo: RepoPlan, commit: str, force: bool,
+               log: Log) -> bool:
+    """Whether the target's hubbot.json already records this build (then nothing is built or pushed)."""
     current = target.current_manifest(repo_id)
-    return not force and bool(current) and current.get("key") == key
+    if force or not current or current.get("key") != key:
+        return False
+    log(f"{repo_id}: up to date (source {commit[:12]}, recipe {plan.recipe_hash(repo)})")
+    return True
 
 
 class Publisher:
@@ -148,8 +153,9 @@ class Publisher:
         backend = get_backend(repo.format)
         repo_id = repo.repo_id(self.target.namespace)
         tools = backend.tool_versions()
-        if up_to_date(self.target, repo_id, repo_key(plan, repo, snapshot.commit, tools), self.force):
-            self.log(f"{repo_id}: up to date (source {snapshot.commit[:12]}, recipe {plan.recipe_hash(repo)})")
+        key = repo_key(plan, repo, snapshot.commit, tools)
+        if up_to_date(self.target, repo_id, key, plan=plan, repo=repo, commit=snapshot.commit, force=self.force,
+                      log=self.log):
             return RepoOutcome(repo_id, "up-to-date")
         with tempfile.TemporaryDirectory(prefix="hubbot-", dir=self.workdir) as tmp:
             repo_dir, work = Path(tmp) / "repo", Path(tmp) / "work"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -38,7 +37,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 class ToolRun:
     seconds: float
     peak_rss_bytes: int  # anonymous memory of the process tree at its peak
-    peak_file_rss_bytes: int  # file-backed resident memory (mmap'd weights) at the anon peak's sample
+    peak_file_rss_bytes: int  # file-backed resident memory (mmap'd weights) at its own peak
     log_file: Path
 
 
@@ -149,10 +148,8 @@ def run_tool(cmd: Sequence[str], log_file: Path, *, what: str, log: Log = lambda
                 if pid:
                     break
                 mem = tree_memory(proc.pid)
-                if mem and mem.anon > peak.anon:
-                    peak = TreeMemory(mem.anon, max(peak.file, mem.file))
-                elif mem:
-                    peak = TreeMemory(peak.anon, max(peak.file, mem.file))
+                if mem:
+                    peak = TreeMemory(max(peak.anon, mem.anon), max(peak.file, mem.file))
                 now = time.monotonic()
                 if now >= next_beat:
                     where = progress(log_tail(log_file, lines=3)) if progress else None
@@ -174,7 +171,3 @@ def run_tool(cmd: Sequence[str], log_file: Path, *, what: str, log: Log = lambda
         raise BuildError(f"{what} failed ({reason}); last lines of {log_file}:\n{log_tail(log_file)}")
     return run
 
-
-def own_peak_rss_bytes() -> int:
-    """This process's own peak RSS so far (for in-process steps such as validation)."""
-    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
