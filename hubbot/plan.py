@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from . import __version__
 from .backends import get_backend
 from .errors import RecipeError
 from .recipe import Family, Recipe, VariantSpec, stable_hash
-from .source import SourceRef
+from .source import SourceRef, safetensors_tensors
 
 
 @dataclass(frozen=True)
@@ -136,17 +137,7 @@ def count_parameters(model_dir: Path) -> int | None:
 
 def parameters_by_dtype(model_dir: Path) -> dict[str, int]:
     """Parameters per safetensors dtype ("BF16": 14_659_507_200, …) from the headers only."""
-    import struct
-
     counts: dict[str, int] = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                count = 1
-                for d in meta["shape"]:
-                    count *= d
-                counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + count
+    for meta in safetensors_tensors(model_dir):
+        counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + math.prod(meta["shape"])
     return counts

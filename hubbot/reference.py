@@ -26,6 +26,7 @@ from . import __version__
 from .errors import UsageError
 from .paths import cache_root
 from .recipe import Prompt, ValidationSettings, stable_hash
+from .source import config_dtype
 
 Log = Callable[[str], None]
 FORMAT = 1  # bump when what a reference holds or how it is computed changes
@@ -45,7 +46,7 @@ class PreparedPrompt:
 
 def source_dtype(config: dict[str, Any]) -> str:
     """The dtype the reference runs in: the source's own (fp32 when the config does not say)."""
-    return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), "float32")
+    return DTYPES.get(str(config_dtype(config)), "float32")
 
 
 def reference_key(commit: str, settings: ValidationSettings, dtype: str) -> str:

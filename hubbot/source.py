@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import re
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,32 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise UsageError(f"{config_path}: must be a JSON object")
     return config
+
+
+def config_dtype(config: dict[str, Any]) -> str | None:
+    """The dtype config.json declares (transformers 5 writes ``dtype``, older versions ``torch_dtype``)."""
+    value = config.get("dtype") or config.get("torch_dtype")
+    return str(value) if value else None
+
+
+def safetensors_tensors(folder: Path) -> Iterator[dict[str, Any]]:
+    """The header entry (dtype, shape, data_offsets) of every tensor in the folder's *.safetensors files;
+    no tensor data is read."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        yield from (meta for name, meta in header.items() if name != "__metadata__")
+
+
+def chat_template(model_dir: Path) -> str | None:
+    """The model's chat template: chat_template.jinja (transformers 5), else tokenizer_config.json's."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) else None
 
 
 def check_model_folder(path: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import BuildError
 from ..paths import cache_root
 from ..sdist import fetch_sdist_files
+from ..source import chat_template, config_dtype
 from ..toolrun import run_tool
 from .base import Backend, Built, Details, Log, Naming, NativeType, type_table
 
@@ -112,7 +113,7 @@ class GGUFBackend(Backend):
 
     def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> dict[str, Built]:
         natives = {v.native for v in variants}
-        outtype = "f32" if "F32" in natives else "bf16" if _source_dtype(snapshot.config) == "bfloat16" else "f16"
+        outtype = "f32" if "F32" in natives else "bf16" if config_dtype(snapshot.config) == "bfloat16" else "f16"
         intermediate = workdir / f"{snapshot.ref.model_name}-{outtype.upper()}.gguf"
         converted = self._convert(snapshot, intermediate, outtype, workdir, log)
         built = {}
@@ -151,10 +152,6 @@ class GGUFBackend(Backend):
 
     def load(self, variant, repo_dir: Path):
         return LlamaCppRuntime(repo_dir / variant.path)
-
-
-def _source_dtype(config: dict) -> str:
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
 def _quantize(src: Path, dst: Path, variant, workdir: Path, log: Log):
@@ -202,7 +199,7 @@ def inspect_gguf(path: Path, snapshot, native: str) -> dict[str, Any]:
     expected_arch = GGUF_ARCHITECTURES.get(source_arch)
     if arch != expected_arch:
         problems.append(f"general.architecture is {arch!r}, expected {expected_arch!r} for {source_arch}")
-    source_template = _source_chat_template(snapshot.path)
+    source_template = chat_template(snapshot.path)
     if source_template and template != source_template:
         problems.append("tokenizer.chat_template differs from the source's chat template")
     if snapshot.license and info["license"] != snapshot.license:
@@ -216,17 +213,6 @@ def inspect_gguf(path: Path, snapshot, native: str) -> dict[str, Any]:
     if problems:
         raise BuildError(f"{path.name}: " + "; ".join(problems))
     return info
-
-
-def _source_chat_template(model_dir: Path) -> str | None:
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    cfg = model_dir / "tokenizer_config.json"
-    if cfg.is_file():
-        template = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
 
 
 class LlamaCppRuntime:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
+from ..source import config_dtype, safetensors_tensors
 from ..toolrun import run_tool
 from .base import Backend, Built, Details, Log, Naming, NativeType, OptionError, type_table
 
@@ -92,7 +93,7 @@ def rope_note(config: dict[str, Any]) -> str:
 
 
 def _source_dtype(config: dict) -> str | None:
-    dtype = config.get("dtype") or config.get("torch_dtype")
+    dtype = config_dtype(config)
     return dtype if dtype in DTYPES else None
 
 
@@ -234,16 +235,9 @@ class MLXBackend(Backend):
 
 def _tensor_dtypes(folder: Path) -> dict[str, int]:
     """Tensor count per dtype, from the safetensors headers (no tensor data is read)."""
-    import struct
-
     counts: dict[str, int] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + 1
+    for meta in safetensors_tensors(folder):
+        counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + 1
     return counts
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
+from ..source import chat_template
 from ..toolrun import run_tool
 from .base import Backend, Built, Details, Log, Naming, NativeType, OptionError, type_table
 
@@ -167,15 +168,6 @@ def _tidy(out: Path, snapshot) -> None:
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _source_chat_template(model_dir: Path) -> str | None:
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = model_dir / "tokenizer_config.json"
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
-    return template if isinstance(template, str) else None
-
-
 def _rt_info(xml: Path) -> ET.Element | None:
     return ET.parse(xml).getroot().find("rt_info")
 
@@ -227,7 +219,7 @@ def inspect_ir(folder: Path, snapshot, native: str) -> dict[str, Any]:
         "tokenizer_eos_token_id": tok.get("eos_token_id"),
         "tokenizer_has_chat_template": bool(tok.get("chat_template")),
         # openvino-tokenizers may rewrite a template its engine cannot run: recorded, not fatal
-        "chat_template_matches_source": tok.get("chat_template") == _source_chat_template(snapshot.path),
+        "chat_template_matches_source": tok.get("chat_template") == chat_template(snapshot.path),
         "bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
     }
     expected = WEIGHT_TYPE.get(native)
@@ -243,7 +235,7 @@ def inspect_ir(folder: Path, snapshot, native: str) -> dict[str, Any]:
         problems.append(f"not a stateful text-generation-with-past model (inputs {info['inputs']})")
     if snapshot.config.get("eos_token_id") is not None and tok.get("eos_token_id") is None:
         problems.append("the tokenizer IR records no eos_token_id")
-    if _source_chat_template(snapshot.path) and not tok.get("chat_template"):
+    if chat_template(snapshot.path) and not tok.get("chat_template"):
         problems.append("the tokenizer IR has no chat template; the source has one")
     if problems:
         raise BuildError(f"{folder.name}: " + "; ".join(problems))
