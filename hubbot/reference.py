@@ -25,6 +25,7 @@ from typing import Any
 from . import __version__
 from .errors import UsageError
 from .paths import cache_root
+from .progress import Step, step
 from .recipe import Prompt, ValidationSettings, stable_hash
 from .source import config_dtype
 
@@ -85,12 +86,15 @@ class TransformersRuntime:
     def top1(self, ids: Sequence[int]) -> list[int]:
         return self.logits(ids).argmax(-1).tolist()
 
-    def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+    def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
+                 on_token: Callable[[int], None] | None = None) -> list[int]:
+        """Greedy continuation; ``on_token(n)`` is called as the n-th new token comes out."""
         inputs = self.torch.tensor([list(ids)])
         with self.torch.no_grad():
             out = self.model.generate(inputs, attention_mask=self.torch.ones_like(inputs),
                                       max_new_tokens=max_new_tokens, do_sample=False,
                                       eos_token_id=list(stop_ids) or None,
+                                      streamer=_TokenCounter(on_token) if on_token else None,
                                       pad_token_id=self.tokenizer.pad_token_id or (list(stop_ids) or [0])[0])
         return out[0, len(ids):].tolist()
 
@@ -100,6 +104,22 @@ class TransformersRuntime:
     def close(self) -> None:
         self.model = None
         gc.collect()
+
+
+class _TokenCounter:
+    """A transformers streamer that only counts: ``put`` gets the prompt first, then each new token."""
+
+    def __init__(self, on_token: Callable[[int], None]):
+        self.on_token = on_token
+        self.seen = -1
+
+    def put(self, value) -> None:
+        self.seen += 1
+        if self.seen:
+            self.on_token(self.seen)
+
+    def end(self) -> None:
+        pass
 
 
 @dataclass
@@ -143,23 +163,29 @@ def compute_reference(model_dir: Path, commit: str, settings: ValidationSettings
     dtype = source_dtype(config)
     log(f"running the source model in transformers ({dtype}, memory-mapped) on {len(settings.prompts)} prompts")
     started = time.monotonic()
-    rt = TransformersRuntime(model_dir, dtype)
+    with step("loading the source model", log=log):
+        rt = TransformersRuntime(model_dir, dtype)
     try:
         prompts = []
-        for p in settings.prompts:
-            prompts.append(_prepare(rt, p, settings.max_new_tokens))
-            log(f"reference: prompt '{p.name}' done ({len(prompts)}/{len(settings.prompts)}, "
-                f"{time.monotonic() - started:.0f} s)")
+        with step("reference", total=len(settings.prompts), log=log) as shown:
+            for p in settings.prompts:
+                prompts.append(_prepare(rt, p, settings.max_new_tokens, shown))
+                shown.advance()
+                log(f"reference: prompt '{p.name}' done ({len(prompts)}/{len(settings.prompts)}, "
+                    f"{time.monotonic() - started:.0f} s)")
     finally:
         rt.close()
     return Reference(reference_key(commit, settings, dtype), commit, dtype, rt.stop_ids, prompts,
                      round(time.monotonic() - started, 1), model_dir)
 
 
-def _prepare(rt: TransformersRuntime, prompt: Prompt, max_new_tokens: int) -> PreparedPrompt:
+def _prepare(rt: TransformersRuntime, prompt: Prompt, max_new_tokens: int, shown: Step) -> PreparedPrompt:
     text = rt.render(prompt)
     ids = rt.tokenize(text)
-    continuation = rt.generate(ids, max_new_tokens, rt.stop_ids)
+    shown.update(info=f"'{prompt.name}': generating")
+    continuation = rt.generate(ids, max_new_tokens, rt.stop_ids,
+                               on_token=lambda n: shown.update(info=f"'{prompt.name}': token {n}/{max_new_tokens}"))
+    shown.update(info=f"'{prompt.name}': scoring {len(ids) + len(continuation)} tokens")
     logits = rt.logits(ids + continuation)[len(ids) - 1: len(ids) - 1 + len(continuation)]
     top2 = logits.topk(2, dim=-1).values
     margin = float((top2[:, 0] - top2[:, 1]).min()) if len(continuation) else 0.0

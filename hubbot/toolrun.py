@@ -8,8 +8,9 @@ optimum-cli, mlx_lm.convert) through ``run_tool``. It
   (anonymous memory, ``RssAnon``) and, beside it, the file-backed part (``RssFile``: mmap'd
   weights the kernel can drop), by sampling ``/proc``; where there is no ``/proc`` it falls back
   to the child's ``ru_maxrss`` (bytes on macOS, KiB on Linux);
-- prints a heartbeat line while the tool runs (elapsed time and, where the tool's log shows it,
-  how far it is), so no long step is silent;
+- shows the run as a progress step (``hubbot.progress``: a live bar in a terminal, a heartbeat line
+  elsewhere) with the elapsed time, memory and, where the tool's log shows it, how far it is, so no
+  long step is silent;
 - kills the tool's whole process group when hubbot is interrupted.
 """
 
@@ -26,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BuildError
+from .progress import step
 
 Log = Callable[[str], None]
-Progress = Callable[[str], "str | None"]  # the log's tail -> "tensor 12/195", or None
-HEARTBEAT_SECONDS = float(os.environ.get("HUBBOT_HEARTBEAT", "30"))
+Fraction = tuple[float, float]  # (done, total): llama.cpp's tensor 12 of 195, or a tqdm bar's 45 of 100
+Progress = Callable[[str], "Fraction | None"]  # the log's tail -> how far the tool is, or None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -104,14 +106,14 @@ def log_tail(log_file: Path, lines: int = 15, max_bytes: int = 16384) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
 
 
-def fraction_progress(tail: str) -> str | None:
+def fraction_progress(tail: str) -> Fraction | None:
     """The last 'n/m' or 'NN%' a tool printed, e.g. llama.cpp's '[ 12/ 195]' or a tqdm bar."""
     last = None
     for m in re.finditer(r"(\d+)\s*/\s*(\d+)\]|(\d{1,3})%\|", tail):
         last = m
     if last is None:
         return None
-    return f"{last.group(1)}/{last.group(2)}" if last.group(1) else f"{last.group(3)}%"
+    return (float(last.group(1)), float(last.group(2))) if last.group(1) else (float(last.group(3)), 100.0)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -129,19 +131,17 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def run_tool(cmd: Sequence[str], log_file: Path, *, what: str, log: Log = lambda _: None,
              env: dict[str, str] | None = None, progress: Progress | None = fraction_progress,
-             heartbeat: float | None = None, check: Callable[[], bool] = lambda: True) -> ToolRun:
+             check: Callable[[], bool] = lambda: True) -> ToolRun:
     """Run ``cmd`` with its output in ``log_file``; raise BuildError naming ``what`` on failure.
 
     ``check`` is called after a zero exit: False (e.g. the expected output is missing) is a failure too.
     """
-    heartbeat = HEARTBEAT_SECONDS if heartbeat is None else heartbeat
     log_file.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     peak = TreeMemory(0, 0)
-    with log_file.open("wb") as fh:
+    with log_file.open("wb") as fh, step(what, log=log) as shown:
         proc = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
-        next_beat = started + heartbeat
         try:
             while True:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -150,13 +150,9 @@ def run_tool(cmd: Sequence[str], log_file: Path, *, what: str, log: Log = lambda
                 mem = tree_memory(proc.pid)
                 if mem:
                     peak = TreeMemory(max(peak.anon, mem.anon), max(peak.file, mem.file))
-                now = time.monotonic()
-                if now >= next_beat:
-                    where = progress(log_tail(log_file, lines=3)) if progress else None
-                    log(f"{what}: {now - started:.0f} s elapsed" + (f", {where}" if where else "")
-                        + (f", {mem.anon / 2**30:.1f} GiB" if mem else ""))
-                    next_beat = now + heartbeat
-                time.sleep(0.25 if now - started < 5 else 1.0)
+                done, total = (progress(log_tail(log_file, lines=3)) if progress else None) or (None, None)
+                shown.update(done, total=total, info=f"{mem.anon / 2**30:.1f} GiB" if mem else None)
+                time.sleep(0.25 if time.monotonic() - started < 5 else 1.0)
         except BaseException:
             _kill_tree(proc)
             raise
@@ -170,4 +166,3 @@ def run_tool(cmd: Sequence[str], log_file: Path, *, what: str, log: Log = lambda
             reason = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if -proc.returncode == 9 else "")
         raise BuildError(f"{what} failed ({reason}); last lines of {log_file}:\n{log_tail(log_file)}")
     return run
-

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .backends.base import Runtime
+from .progress import step
 from .reference import Reference
 
 Log = Callable[[str], None]
@@ -63,16 +64,20 @@ def compare(runtime: Runtime, reference: Reference, log: Log = lambda _: None) -
     generations), so a runtime that needs a different engine for each holds one at a time."""
     started, n = time.monotonic(), len(reference.prompts)
     matched = []
-    for i, p in enumerate(reference.prompts, 1):
-        predicted = runtime.top1(p.ids + p.continuation)
-        start = len(p.ids) - 1
-        matched.append(sum(int(a == b) for a, b in zip(predicted[start: start + len(p.continuation)],
-                                                       p.continuation)))
-        log(f"teacher-forced pass {i}/{n} ({time.monotonic() - started:.0f} s)")
+    with step("teacher-forced passes", total=n, log=log) as shown:
+        for i, p in enumerate(reference.prompts, 1):
+            predicted = runtime.top1(p.ids + p.continuation)
+            start = len(p.ids) - 1
+            matched.append(sum(int(a == b) for a, b in zip(predicted[start: start + len(p.continuation)],
+                                                           p.continuation)))
+            shown.advance()
+            log(f"teacher-forced pass {i}/{n} ({time.monotonic() - started:.0f} s)")
     generated = []
-    for i, p in enumerate(reference.prompts, 1):
-        generated.append(runtime.generate(p.ids, len(p.continuation) or 1, reference.stop_ids))
-        log(f"greedy generation {i}/{n} ({time.monotonic() - started:.0f} s)")
+    with step("greedy generations", total=n, log=log) as shown:
+        for i, p in enumerate(reference.prompts, 1):
+            generated.append(runtime.generate(p.ids, len(p.continuation) or 1, reference.stop_ids))
+            shown.advance()
+            log(f"greedy generation {i}/{n} ({time.monotonic() - started:.0f} s)")
     return [PromptResult(name=p.name, tokens_match=runtime.tokenize(p.text) == p.ids, matched=m,
                          total=len(p.continuation), first_divergence=first_divergence(g, p.continuation),
                          generated_text=reference.decode(g))

@@ -9,6 +9,7 @@ import click
 from .. import __version__
 from ..recipe import load_families, recipes_dir
 from . import build, plan, publish, recipes, reference, status, watch
+from ._output import install_progress
 
 
 class Context:
@@ -35,6 +36,7 @@ def main(ctx: click.Context, recipes_dir: Path | None) -> None:
       hubbot publish phi-4 --recipe edge          # needs HF_TOKEN or `hf auth login`
       hubbot watch --once                         # publish every new release, then `hubbot status`
     """
+    install_progress()
     ctx.obj = Context(recipes_dir)
 
 

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .. import actions
 from ..errors import HubbotError
+from ..progress import RichSink, set_sink, wants_live_display
 from ..secrets import redact
 
 # Logs and CI capture are no terminal: give tables room instead of rich's default 80 columns.
@@ -28,6 +29,12 @@ _started = time.monotonic()
 def progress(message: str) -> None:
     """One timestamped progress line on stderr (stdout stays clean for --json)."""
     err_console.print(f"{time.monotonic() - _started:7.1f}s {redact(message)}", markup=False)
+
+
+def install_progress() -> None:
+    """Long steps as live bars for a person at a terminal; as heartbeat lines in logs and CI."""
+    if wants_live_display(sys.stderr):
+        set_sink(RichSink(err_console))
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], console: Console = out_console) -> None:
