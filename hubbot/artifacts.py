@@ -56,10 +56,9 @@ def build_variant(spec: str, recipe_name: str | None, variant_id: str, out: Path
     """Build and validate ONE variant of SOURCE × RECIPE into ``out``."""
     ref, recipe = select(spec, recipe_name, families, family)
     offline = make_plan(ref, recipe)
-    if variant_id not in {v.id for v in offline.variants}:
-        raise UsageError(f"recipe '{recipe.name}' has no variant '{variant_id}'; "
-                         f"known: {', '.join(v.id for v in offline.variants)}")
+    _check_buildable(offline, variant_id)
     plan, snapshot = prepare(ref, recipe, api)
+    _check_buildable(plan, variant_id)  # the source's own config may drop it
     repo = next(r for r in plan.repos if variant_id in {v.id for v in r.variants})
     variant = next(v for v in repo.variants if v.id == variant_id)
     backend = get_backend(repo.format)
@@ -81,6 +80,15 @@ def build_variant(spec: str, recipe_name: str | None, variant_id: str, out: Path
     verdict = "passed" if report["passed"] else "FAILED: " + "; ".join(report["reasons"])
     log(f"{variant_id}: built into {out} — {verdict}")
     return build
+
+
+def _check_buildable(plan: Plan, variant_id: str) -> None:
+    dropped = next((d for d in plan.dropped if d.id == variant_id), None)
+    if dropped:
+        raise UsageError(f"{variant_id} cannot be built for {plan.source.public_name}: {dropped.reason}")
+    if variant_id not in {v.id for v in plan.variants}:
+        raise UsageError(f"recipe '{plan.recipe.name}' has no variant '{variant_id}'; "
+                         f"known: {', '.join(v.id for v in plan.variants)}")
 
 
 def load_builds(folder: Path) -> list[VariantBuild]:

@@ -25,6 +25,10 @@ class RecipeError(UsageError):
         super().__init__(f"{where}: {message}")
 
 
+class UnsupportedSource(UsageError):
+    """Nothing of the recipe can be built for this source's architecture (hubbot/backends/support.py)."""
+
+
 class MissingExtraError(HubbotError):
     """A format's toolchain is not installed."""
 

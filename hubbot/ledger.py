@@ -1,11 +1,12 @@
 """The watch ledger: every release seen and every variant built, in one SQLite file.
 
-``releases`` has one row per (repo, upstream sha): its status (building, published, up-to-date,
-failed, skipped, superseded), why, and how many attempts it took. ``variants`` has one row per
-(repo, sha, variant): the target repo, the validation result and agreement, and the commit that
-published it. A watcher *claims* a release inside ``BEGIN IMMEDIATE`` (SQLite's write lock), so
-two watchers sharing the file never build the same release; the Hub manifest (``hubbot.json``
-key) is the second guard for watchers that do not share it.
+``releases`` has one row per (repo, upstream sha): its status (building; published; partial, i.e.
+published without the variants its architecture cannot be built as; up-to-date; failed; skipped;
+unsupported; superseded), why, and how many attempts it took. ``variants`` has one row per (repo,
+sha, variant): the target repo, the validation result and agreement, and the commit that published
+it — or ``dropped`` and why. A watcher *claims* a release inside ``BEGIN IMMEDIATE`` (SQLite's write
+lock), so two watchers sharing the file never build the same release; the Hub manifest
+(``hubbot.json`` key) is the second guard for watchers that do not share it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ CREATE TABLE IF NOT EXISTS releases (
     created_at  TEXT,             -- upstream repo creation time
     first_seen  TEXT NOT NULL,
     updated     TEXT NOT NULL,
-    status      TEXT NOT NULL,    -- building | published | up-to-date | failed | skipped | superseded
+    status      TEXT NOT NULL,    -- building | published | partial | up-to-date | failed | skipped
+                                  -- | unsupported | superseded
     reason      TEXT NOT NULL DEFAULT '',
     attempts    INTEGER NOT NULL DEFAULT 0,
     owner       TEXT,             -- the watcher holding a 'building' claim
@@ -45,17 +47,21 @@ CREATE TABLE IF NOT EXISTS variants (
     sha         TEXT NOT NULL,
     variant     TEXT NOT NULL,
     target_repo TEXT NOT NULL,
-    status      TEXT NOT NULL,    -- the target repo's outcome: published | up-to-date | unchanged | failed
+    status      TEXT NOT NULL,    -- the target repo's outcome: published | up-to-date | unchanged | failed,
+                                  -- or dropped (see reason)
     passed      INTEGER,
     agreement   REAL,
     threshold   REAL,
     commit_sha  TEXT,
     built_at    TEXT NOT NULL,
+    reason      TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (repo, sha, variant)
 );
 """
+# columns added after a ledger file may already exist: (table, column, declaration)
+ADDED_COLUMNS = [("variants", "reason", "TEXT NOT NULL DEFAULT ''")]
 
-DONE = ("published", "up-to-date", "superseded")
+DONE = ("published", "partial", "up-to-date", "superseded", "unsupported")  # never tried again
 DEFAULT_CLAIM_TIMEOUT = 6 * 3600.0  # a 'building' claim older than this belongs to a dead watcher
 
 
@@ -96,6 +102,7 @@ class VariantRow:
     threshold: float | None
     commit_sha: str | None
     built_at: str
+    reason: str = ""
 
 
 class Ledger:
@@ -112,6 +119,13 @@ class Ledger:
         for statement in SCHEMA.split(";"):  # CREATE … IF NOT EXISTS: safe for watchers starting together
             if statement.strip():
                 self.db.execute(statement)
+        for table, column, declaration in ADDED_COLUMNS:
+            have = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                except sqlite3.OperationalError:  # another watcher added it a moment ago
+                    pass
 
     def close(self) -> None:
         self.db.close()
@@ -187,32 +201,34 @@ class Ledger:
                 db.execute("UPDATE releases SET status='superseded', updated=? WHERE repo=? AND sha<>?"
                            " AND status IN ('published', 'up-to-date', 'failed')", (_now(), repo, sha))
 
-    def skip(self, repo: str, sha: str, family: str, created_at: str | None, reason: str) -> bool:
-        """Record a release that cannot be read; True when this is news (first time, or a new reason)."""
+    def skip(self, repo: str, sha: str, family: str, created_at: str | None, reason: str,
+             status: str = "skipped") -> bool:
+        """Record a release that is not built: ``skipped`` (it cannot be read now; looked at again next pass)
+        or ``unsupported`` (nothing of it can be built; never again). True when this is news."""
         with self._write() as db:
             release = self.get(repo, sha)
             now = _now()
             if release is None:
                 db.execute("INSERT INTO releases (repo, sha, family, created_at, first_seen, updated, status, reason)"
-                           " VALUES (?,?,?,?,?,?,'skipped',?)", (repo, sha, family, created_at, now, now, reason))
+                           " VALUES (?,?,?,?,?,?,?,?)", (repo, sha, family, created_at, now, now, status, reason))
                 return True
-            if release.status != "skipped" or release.reason != reason:
+            if release.status != status or release.reason != reason:
                 if release.status in DONE or release.status == "building":
                     return False
-                db.execute("UPDATE releases SET status='skipped', reason=?, updated=? WHERE repo=? AND sha=?",
-                           (reason, now, repo, sha))
+                db.execute("UPDATE releases SET status=?, reason=?, updated=? WHERE repo=? AND sha=?",
+                           (status, reason, now, repo, sha))
                 return True
             return False
 
     # -- variants
     def record_variant(self, repo: str, sha: str, variant: str, target_repo: str, status: str, *,
                        passed: bool | None = None, agreement: float | None = None,
-                       threshold: float | None = None, commit_sha: str | None = None) -> None:
+                       threshold: float | None = None, commit_sha: str | None = None, reason: str = "") -> None:
         with self._write() as db:
             db.execute("INSERT OR REPLACE INTO variants (repo, sha, variant, target_repo, status, passed, agreement,"
-                       " threshold, commit_sha, built_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       " threshold, commit_sha, built_at, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                        (repo, sha, variant, target_repo, status, None if passed is None else int(passed),
-                        agreement, threshold, commit_sha, _now()))
+                        agreement, threshold, commit_sha, _now(), reason))
 
     def variants(self, repo: str | None = None, sha: str | None = None) -> list[VariantRow]:
         query, args = "SELECT * FROM variants", []

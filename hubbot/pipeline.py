@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend, get_backend
-from .errors import BuildError
+from .errors import BuildError, UnsupportedSource
 from .paths import cache_root
 from .plan import Plan, RepoPlan, Variant, count_parameters, make_plan
 from .publish import REPORT, PushResult, Target
@@ -58,9 +58,18 @@ def select(spec: str, recipe_name: str | None, families: dict[str, Family],
 
 
 def prepare(ref: SourceRef, recipe: Recipe, api: Any = None) -> tuple[Plan, Snapshot]:
-    """Fetch (or read) the source and plan its repos."""
+    """Fetch (or read) the source and plan its repos; UnsupportedSource when nothing can be built."""
+    check_supported(make_plan(ref, recipe))  # what the recipe's alias says, before any download
     snapshot = fetch(ref, api)
-    return make_plan(ref, recipe, count_parameters(snapshot.path)), snapshot
+    plan = make_plan(ref, recipe, count_parameters(snapshot.path), snapshot.config)
+    check_supported(plan)
+    return plan, snapshot
+
+
+def check_supported(plan: Plan) -> None:
+    if plan.unsupported:
+        raise UnsupportedSource(f"nothing of {plan.source.public_name} can be built with recipe "
+                                f"'{plan.recipe.name}': {plan.unsupported}")
 
 
 def validate_built(backend: Backend, variant: Variant, snapshot: Snapshot, repo_dir: Path,

@@ -10,6 +10,7 @@ from typing import Any
 
 from . import __version__
 from .backends import get_backend
+from .backends.support import architecture_unsupported, variant_unsupported
 from .errors import RecipeError
 from .recipe import Family, Recipe, VariantSpec, stable_hash
 from .source import SourceRef, safetensors_tensors
@@ -32,6 +33,19 @@ class Variant:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """A variant of the recipe that the source's architecture cannot be built as, and why."""
+
+    id: str
+    format: str
+    repo: str  # the repo name it would have gone to
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
 @dataclass
 class RepoPlan:
     name: str  # repo name without namespace
@@ -48,6 +62,16 @@ class Plan:
     recipe: Recipe
     repos: list[RepoPlan]
     parameters: int | None = None  # for size estimates
+    architecture: str | None = None  # config.json's architectures[0], when known
+    dropped: list[Dropped] = field(default_factory=list)
+
+    @property
+    def unsupported(self) -> str | None:
+        """Why nothing of the recipe can be built for this source, or None."""
+        if self.repos:
+            return None
+        whole = architecture_unsupported(self.architecture)
+        return whole or "; ".join(f"{d.id}: {d.reason}" for d in self.dropped) or None
 
     @property
     def variants(self) -> list[Variant]:
@@ -84,6 +108,8 @@ class Plan:
                 "variants": [{**v.to_dict(), "estimated_bytes": self.estimated_bytes(v), **estimates.get(v.id, {})}
                              for v in r.variants],
             } for r in self.repos],
+            "architecture": self.architecture,
+            "dropped": [d.to_dict() for d in self.dropped],
             **extra,
         }, indent=2)
 
@@ -112,14 +138,31 @@ def make_variant(spec: VariantSpec, family: Family, model_name: str) -> tuple[st
     return naming["repo"].format(**fields), variant
 
 
-def make_plan(source: SourceRef, recipe: Recipe, parameters: int | None = None) -> Plan:
+def source_architecture(source: SourceRef, config: dict[str, Any] | None = None) -> str | None:
+    """config.json's ``architectures[0]``; before the config is read, what the recipe's alias says."""
+    if config is not None:
+        return (config.get("architectures") or [None])[0]
+    model = source.family.models.get(source.spec) or (source.repo_id and source.family.model_for_repo(source.repo_id))
+    return model.architecture if model else None
+
+
+def make_plan(source: SourceRef, recipe: Recipe, parameters: int | None = None,
+              config: dict[str, Any] | None = None) -> Plan:
+    """The repos and variants of ``recipe`` for ``source``; variants its architecture's tools cannot
+    build (``hubbot.backends.support``) are dropped with the reason."""
+    architecture = source_architecture(source, config)
     repos: dict[str, RepoPlan] = {}
+    dropped: list[Dropped] = []
     seen: set[str] = set()
     for spec in recipe.variants:
         repo_name, variant = make_variant(spec, source.family, source.model_name)
         if variant.id in seen:
             continue  # the same variant named twice (e.g. int4 and Q4_K_M) is built once
         seen.add(variant.id)
+        reason = variant_unsupported(architecture, variant.format, variant.target, variant.precision_class, config)
+        if reason:
+            dropped.append(Dropped(variant.id, variant.format, repo_name, reason))
+            continue
         repo = repos.setdefault(repo_name, RepoPlan(repo_name, spec.format))
         clash = next((v for v in repo.variants if v.path == variant.path or repo.format != spec.format), None)
         if clash:
@@ -127,7 +170,7 @@ def make_plan(source: SourceRef, recipe: Recipe, parameters: int | None = None) 
                               f"variants {variant.id} and {clash.id} both land at "
                               f"{repo_name}/{variant.path}; make the templates tell them apart")
         repo.variants.append(variant)
-    return Plan(source, recipe, list(repos.values()), parameters)
+    return Plan(source, recipe, list(repos.values()), parameters, architecture, dropped)
 
 
 def count_parameters(model_dir: Path) -> int | None:

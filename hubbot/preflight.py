@@ -31,7 +31,7 @@ from .card import human_size
 from .errors import UsageError
 from .plan import Plan, Variant, make_plan, parameters_by_dtype
 from .recipe import Recipe
-from .source import SourceRef
+from .source import SourceRef, read_config
 
 MEMORY_ENV = "HUBBOT_AVAILABLE_MEMORY"
 DISK_ENV = "HUBBOT_FREE_DISK"
@@ -389,7 +389,7 @@ def check_source(ref: SourceRef, recipe: Recipe, api: Any, *, variant_ids: Itera
     except SizeUnknown as e:
         log(f"preflight skipped: {e}")
         return None
-    plan = make_plan(ref, recipe, size.parameters)
+    plan = make_plan(ref, recipe, size.parameters, read_config(ref.path) if ref.is_local else None)
     run = check(plan, size.parameters, size.dtype, variant_ids=variant_ids, workdir=workdir, out_dir=out_dir,
                 staged=staged, reference=reference)
     memory = available_memory()

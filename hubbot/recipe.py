@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .backends import OptionError, formats, get_backend
+from .backends.support import ARCHITECTURES
 from .errors import RecipeError, UsageError
 
 DEFAULT_RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -70,6 +71,7 @@ class Model:
     alias: str
     repo: str
     license: str | None = None
+    architecture: str | None = None  # config.json's architectures[0], so a plan knows it before download
 
 
 @dataclass(frozen=True)
@@ -242,11 +244,15 @@ def load_family(path: Path) -> Family:
     name = c.typed(data["family"], "family", str, "a string")
     models = {}
     for alias, m in c.mapping(data.get("models", {}), "models", set(data.get("models") or {})).items():
-        c.mapping(m, f"models.{alias}", {"repo", "license"}, {"repo"})
+        c.mapping(m, f"models.{alias}", {"repo", "license", "architecture"}, {"repo"})
         repo = c.typed(m["repo"], f"models.{alias}.repo", str, "a Hub repo id")
         if repo.count("/") != 1:
             raise c.fail(f"models.{alias}.repo", f"'{repo}' is not a Hub repo id (owner/name)")
-        models[alias] = Model(alias, repo, m.get("license"))
+        architecture = m.get("architecture")
+        if architecture is not None and architecture not in ARCHITECTURES:
+            raise c.fail(f"models.{alias}.architecture",
+                         f"'{architecture}' is not in hubbot's support table; known: {', '.join(ARCHITECTURES)}")
+        models[alias] = Model(alias, repo, m.get("license"), architecture)
     watch = c.mapping(data.get("watch", {}), "watch", {"authors", "name_patterns", "default_recipe"})
     naming = {}
     for fmt, tpl in c.mapping(data.get("naming", {}), "naming", set(formats())).items():

@@ -11,6 +11,7 @@ published a no-op even when the ledger was lost.
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 import traceback
@@ -20,9 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import HubbotError, UsageError
+from .errors import HubbotError, UnsupportedSource, UsageError
 from .ledger import Ledger
 from .pipeline import Publisher, RepoOutcome, prepare, select
+from .plan import Dropped, make_plan
 from .recipe import Family
 from .secrets import redact
 
@@ -46,7 +48,7 @@ class ListedRelease:
 @dataclass
 class ReleaseResult:
     release: ListedRelease
-    status: str  # published | up-to-date | failed | skipped | known | claimed-elsewhere
+    status: str  # published | partial | up-to-date | failed | skipped | unsupported | known | claimed-elsewhere
     reason: str = ""
     outcomes: list[RepoOutcome] = field(default_factory=list)
 
@@ -170,15 +172,20 @@ class Watcher:
             if self.ledger.skip(release.repo, release.sha, fam.name, created, reason):
                 self.log(f"{release.repo}: skipped — {reason}")
             return ReleaseResult(release, "skipped", reason)
+        reason = self.unsupported(release, recipe)
+        if reason:
+            return self._unsupported(release, fam.name, created, reason)
         if not self.ledger.claim(release.repo, release.sha, fam.name, recipe, created, self.max_attempts):
             return ReleaseResult(release, "claimed-elsewhere", "another watcher has it")
         self.log(f"{release.repo}@{release.sha[:12]}: new release; building recipe '{recipe}'")
         try:
             if self.on_release:
                 with self.on_release(release):
-                    outcomes = self._build(release, recipe)
+                    outcomes, dropped = self._build(release, recipe)
             else:
-                outcomes = self._build(release, recipe)
+                outcomes, dropped = self._build(release, recipe)
+        except UnsupportedSource as e:  # its downloaded config said more than config.json alone
+            return self._unsupported(release, fam.name, created, str(e))
         except HubbotError as e:
             return self._fail(release, str(e))
         except Exception as e:  # noqa: BLE001 - one broken release must not stop the others
@@ -189,6 +196,9 @@ class Watcher:
             raise
         status = _release_status(outcomes)
         reason = "; ".join(f"{o.repo_id}: {o.message}" for o in outcomes if o.message)
+        if dropped and status == "published":
+            status = "partial"
+            reason = "; ".join(filter(None, [reason, "dropped " + ", ".join(f"{d.id} ({d.reason})" for d in dropped)]))
         collection = None
         done = [o.repo_id for o in outcomes if o.status != "failed"]
         if self.collections and done:
@@ -201,6 +211,23 @@ class Watcher:
         self.ledger.finish(release.repo, release.sha, status, reason, collection=collection)
         return ReleaseResult(release, status, reason, outcomes)
 
+    def unsupported(self, release: ListedRelease, recipe: str) -> str | None:
+        """Why nothing of the release can be built, from its config.json alone (before any download)."""
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = self.api.hf_hub_download(release.repo, "config.json", revision=release.sha, local_dir=tmp)
+                config = json.loads(Path(path).read_text())
+            ref, the_recipe = select(f"{release.repo}@{release.sha}", recipe, self.families, release.family)
+        except Exception:  # noqa: BLE001 - the build says what is wrong with it
+            return None
+        return make_plan(ref, the_recipe, config=config).unsupported
+
+    def _unsupported(self, release: ListedRelease, family: str, created: str | None, reason: str) -> ReleaseResult:
+        reason = reason if reason.startswith("nothing of") else f"nothing of it can be built: {reason}"
+        if self.ledger.skip(release.repo, release.sha, family, created, reason, status="unsupported"):
+            self.log(f"{release.repo}@{release.sha[:12]}: unsupported — {reason}")
+        return ReleaseResult(release, "unsupported", reason)
+
     def _fail(self, release: ListedRelease, reason: str) -> ReleaseResult:
         # a local snapshot path says nothing to a reader of the ledger: name the release instead
         reason = re.sub(r"\S*/snapshots/[0-9a-f]{40}", f"{release.repo}@{release.sha[:12]}", redact(reason))
@@ -208,11 +235,14 @@ class Watcher:
         self.ledger.finish(release.repo, release.sha, "failed", reason)
         return ReleaseResult(release, "failed", reason)
 
-    def _build(self, release: ListedRelease, recipe: str) -> list[RepoOutcome]:
+    def _build(self, release: ListedRelease, recipe: str) -> tuple[list[RepoOutcome], list[Dropped]]:
         ref, the_recipe = select(f"{release.repo}@{release.sha}", recipe, self.families, release.family)
         plan, snapshot = prepare(ref, the_recipe, self.api)
         if snapshot.commit != release.sha:
             raise UsageError(f"{release.repo}: asked for {release.sha}, got {snapshot.commit}")
+        for d in plan.dropped:
+            self.ledger.record_variant(release.repo, release.sha, d.id, f"{self.target.namespace}/{d.repo}", "dropped",
+                                       reason=d.reason)
         outcomes = Publisher(self.target, log=self.log, workdir=self.workdir).run(plan, snapshot)
         by_repo = {r.repo_id(self.target.namespace): r for r in plan.repos}
         for o in outcomes:
@@ -227,7 +257,7 @@ class Watcher:
                 for v in by_repo[o.repo_id].variants:
                     self.ledger.record_variant(release.repo, release.sha, v.id, o.repo_id, o.status,
                                                threshold=v.min_agreement, commit_sha=commit)
-        return outcomes
+        return outcomes, plan.dropped
 
     def _head(self, repo_id: str) -> str | None:
         try:

@@ -8,9 +8,10 @@ import click
 
 from .. import actions, preflight
 from ..card import human_size
+from ..errors import UnsupportedSource
 from ..plan import make_plan
 from ..publish import make_api
-from ..source import resolve
+from ..source import read_config, resolve
 from ._options import endpoint_option, family_option, recipe_option
 from ._output import echo, handle_errors, progress, table
 
@@ -39,7 +40,7 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
     ref = resolve(source, families, family)
     recipe = ref.family.recipe(recipe_name or ref.family.default_recipe)
     size = None if as_matrix else _source_size(ref, endpoint)
-    the_plan = make_plan(ref, recipe, size.parameters if size else None)
+    the_plan = make_plan(ref, recipe, size.parameters if size else None, _local_config(ref))
     estimates = preflight.estimate(the_plan, size.parameters, size.dtype) if size else {}
     if as_json:
         echo(_plan_json(the_plan, namespace, size, estimates))
@@ -58,8 +59,19 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
                 human_size(the_plan.estimated_bytes(v)),
                 *((human_size(estimates[v.id].peak_ram_bytes), human_size(estimates[v.id].disk_bytes))
                   if estimates else ("?", "?"))) for v in repo.variants])
+    if the_plan.dropped:
+        table("dropped: the tools cannot build these for this architecture", ["variant", "repo", "reason"],
+              [(d.id, d.repo, d.reason) for d in the_plan.dropped])
     if size:
         echo(_machine_line(size, estimates))
+    if the_plan.unsupported:
+        raise UnsupportedSource(f"nothing of {ref.public_name} can be built with recipe '{recipe.name}': "
+                                f"{the_plan.unsupported}")
+
+
+def _local_config(ref) -> dict | None:
+    """A local folder's config.json (a Hub source's architecture comes from its alias, when it has one)."""
+    return read_config(ref.path) if ref.is_local else None
 
 
 def _source_size(ref, endpoint: str | None) -> preflight.SourceSize | None:

@@ -76,6 +76,9 @@ def publish(obj, source: str | None, recipe_name: str | None, family: str | None
     table("validation", ["repo", "variant", "agreement", "threshold", "result"],
           [(o.repo_id, r["variant_id"], "—" if r["agreement"] is None else f"{r['agreement']:.3f}",
             f"{r['threshold']:.2f}", verdict(r)) for o in outcomes for r in o.reports])
+    if the_plan.dropped:
+        report("dropped: the tools cannot build these for this architecture", ["variant", "repo", "reason"],
+               [(d.id, d.repo, d.reason) for d in the_plan.dropped], summary_title="hubbot publish: dropped")
     _finish(outcomes)
 
 

@@ -21,6 +21,12 @@ def _agreement(value) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
+def _result(v) -> str:
+    if v.status == "dropped":
+        return f"dropped: {v.reason}"
+    return v.status if v.passed is None else f"{v.status} ({'passed' if v.passed else 'FAILED'})"
+
+
 @click.command()
 @click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False, path_type=Path), envvar="HUBBOT_LEDGER",
               help=f"The watch ledger. Default: HUBBOT_LEDGER or {default_path()}")
@@ -46,5 +52,5 @@ def status(ledger_path: Path | None, variants: bool, as_json: bool) -> None:
         table("variants", ["release", "sha", "variant", "target repo", "result", "agreement", "threshold",
                            "commit"],
               [(v.repo, v.sha[:12], v.variant, v.target_repo,
-                v.status if v.passed is None else f"{v.status} ({'passed' if v.passed else 'FAILED'})",
+                _result(v),
                 _agreement(v.agreement), _agreement(v.threshold), (v.commit_sha or "—")[:12]) for v in built])

@@ -102,11 +102,13 @@ def _report(results: list[ReleaseResult]) -> None:
     report(f"watch: {len(results)} release(s) listed, {len(acted)} new or changed", COLUMNS, _rows(acted),
            summary_title="hubbot watch")
     counts = {s: sum(r.status == s for r in results)
-              for s in ("published", "up-to-date", "failed", "skipped", "known", "claimed-elsewhere")}
+              for s in ("published", "partial", "up-to-date", "failed", "skipped", "unsupported", "known",
+                        "claimed-elsewhere")}
     progress(", ".join(f"{n} {s}" for s, n in counts.items()))
     for r in results:
         if r.status == "failed":
             actions.error(r.reason, title=f"{r.release.repo} failed")
-    actions.set_outputs(published=counts["published"], failed=counts["failed"], skipped=counts["skipped"],
+    actions.set_outputs(published=counts["published"] + counts["partial"], failed=counts["failed"],
+                        skipped=counts["skipped"] + counts["unsupported"],
                         releases=" ".join(f"{r.release.repo}@{r.release.sha}" for r in acted
-                                          if r.status == "published"))
+                                          if r.status in ("published", "partial")))
