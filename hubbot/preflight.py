@@ -164,6 +164,13 @@ def estimate_variant(plan: Plan, variant: Variant, parameters: int, dtype: str, 
     return Estimate(variant.id, peak, disk, why, build, reference, runtime)
 
 
+def reference_job(plan: Plan, parameters: int, dtype: str) -> tuple[int, int]:
+    """(peak RAM, disk) of computing the reference alone (``hubbot reference``): the source download
+    and the source model in transformers."""
+    download = 0 if plan.source.is_local else _source_bytes(parameters, dtype)
+    return costs.PROCESS_BYTES + reference_phase(parameters, dtype).ram_bytes, download
+
+
 def estimate(plan: Plan, parameters: int, dtype: str, reference: bool = True) -> dict[str, Estimate]:
     """Peak RAM and disk of every variant of ``plan`` for a source of ``parameters`` in ``dtype``;
     ``reference`` False: validation reuses a precomputed reference (``build --reference``)."""

@@ -22,6 +22,7 @@ import yaml
 from .backends import OptionError, formats, get_backend
 from .backends.support import ARCHITECTURES
 from .errors import RecipeError, UsageError
+from .runners import HOSTED, RunnerClass, parse_size
 
 DEFAULT_RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 NAMING_FIELDS = {"model", "quant", "precision", "target", "format", "variant", "group"}
@@ -94,6 +95,7 @@ class Family:
     naming: dict[str, dict[str, str]]
     validation: ValidationSettings
     recipes: dict[str, Recipe]
+    runners: tuple[RunnerClass, ...] = (HOSTED,)  # where a fanned-out build job may run
 
     def recipe(self, name: str) -> Recipe:
         if name not in self.recipes:
@@ -240,7 +242,7 @@ def load_family(path: Path) -> Family:
     data = _load_yaml(path)
     c = _Checker(path)
     c.mapping(data, "", {"family", "title", "architectures", "models", "watch", "naming",
-                         "validation", "recipes"}, {"family", "recipes"})
+                         "validation", "recipes", "runners"}, {"family", "recipes"})
     name = c.typed(data["family"], "family", str, "a string")
     models = {}
     for alias, m in c.mapping(data.get("models", {}), "models", set(data.get("models") or {})).items():
@@ -283,7 +285,31 @@ def load_family(path: Path) -> Family:
         default_recipe=default_recipe, naming=naming,
         validation=_parse_validation(c, data.get("validation", {})),
         recipes=recipes,
+        runners=_parse_runners(c, data["runners"]) if "runners" in data else (HOSTED,),
     )
+
+
+def _parse_runners(c: _Checker, data: Any) -> tuple[RunnerClass, ...]:
+    classes = []
+    for name, r in c.mapping(data, "runners", set(data or {}) if isinstance(data, dict) else set()).items():
+        key = f"runners.{name}"
+        c.mapping(r, key, {"runs-on", "memory", "disk", "free-disk"}, {"runs-on", "memory", "disk"})
+        labels = r["runs-on"]
+        if isinstance(labels, list):
+            labels = c.string_list(labels, f"{key}.runs-on")
+        else:
+            c.typed(labels, f"{key}.runs-on", str, "a runner label or a list of labels")
+        sizes = {}
+        for field_name in ("memory", "disk"):
+            try:
+                sizes[field_name] = parse_size(r[field_name])
+            except ValueError as e:
+                raise c.fail(f"{key}.{field_name}", str(e)) from None
+        free_disk = c.typed(r.get("free-disk", False), f"{key}.free-disk", bool, "true or false")
+        classes.append(RunnerClass(str(name), labels, sizes["memory"], sizes["disk"], free_disk))
+    if not classes:
+        raise c.fail("runners", "needs at least one runner class (or leave it out for GitHub's ubuntu-latest)")
+    return tuple(classes)
 
 
 def load_families(directory: Path | None = None) -> dict[str, Family]:

@@ -135,15 +135,21 @@ def test_publish_workflow_flow_plan_matrix_build_each_variant_publish_from_artif
     assert planned.exit_code == 0, planned.output
     matrix = json.loads(planned.stdout)
     assert f"matrix={planned.stdout.strip()}" in outputs.read_text()
+    assert 'reference_runs_on="ubuntu-latest"' in outputs.read_text()
     variants = [entry["variant"] for entry in matrix["include"]]
     assert variants == ["gguf-Q4_K_M", "gguf-Q8_0", "gguf-F16"]
+    assert {entry["runs_on"] for entry in matrix["include"]} == {"ubuntu-latest"}
 
+    reference = tmp_path / "reference" / "reference.json"  # the reference job, once
+    result = runner.invoke(main, ["reference", source, "--out", str(reference)])
+    assert result.exit_code == 0, result.output
     built = tmp_path / "built"
     for variant in variants:
         result = runner.invoke(main, ["build", source, "--recipe", "edge-gguf", "--variant", variant,
-                                      "--out", str(built / f"variant-{variant}")])
+                                      "--out", str(built / f"variant-{variant}"), "--reference", str(reference)])
         assert result.exit_code == 0, result.output
         assert f"::group::build {variant}" in result.stderr
+        assert f"using the reference in {reference}" in result.stderr
 
     repo = f"{USER}/Phi-3-tiny-fanout-GGUF"
     partial = tmp_path / "partial"

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .. import actions, preflight
+from .. import actions, preflight, runners
 from ..card import human_size
 from ..errors import UnsupportedSource
 from ..plan import make_plan
@@ -24,8 +24,10 @@ from ._output import echo, handle_errors, progress, table
 @endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @click.option("--github-matrix", "as_matrix", is_flag=True,
-              help="Print a GitHub Actions matrix, one entry per variant ({\"include\": [{\"variant\": …}]}), "
-                   "and under Actions also write it to GITHUB_OUTPUT as 'matrix'.")
+              help="Print a GitHub Actions matrix, one entry per variant ({\"include\": [{\"variant\": …, "
+                   "\"runs_on\": …}]}), each routed to the smallest of the recipe's `runners:` classes that holds "
+                   "its estimated RAM and disk (exit 2 when none does); under Actions also write it to "
+                   "GITHUB_OUTPUT as 'matrix', with the reference job's runner as 'reference_runs_on'.")
 @click.pass_obj
 @handle_errors
 def plan(obj, source: str, recipe_name: str | None, family: str | None, namespace: str, endpoint: str | None,
@@ -39,17 +41,15 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
     families = obj.families()
     ref = resolve(source, families, family)
     recipe = ref.family.recipe(recipe_name or ref.family.default_recipe)
-    size = None if as_matrix else _source_size(ref, endpoint)
+    size = _source_size(ref, endpoint)
     the_plan = make_plan(ref, recipe, size.parameters if size else None, _local_config(ref))
     estimates = preflight.estimate(the_plan, size.parameters, size.dtype) if size else {}
     if as_json:
         echo(_plan_json(the_plan, namespace, size, estimates))
         return
     if as_matrix:
-        matrix = json.dumps({"include": [{"variant": v.id, "repo": r.repo_id(namespace), "format": r.format,
-                                          "precision": v.native} for r in the_plan.repos for v in r.variants]},
-                            separators=(",", ":"))
-        actions.set_outputs(matrix=matrix)
+        matrix, reference_runner = _github_matrix(the_plan, ref.family.runners, namespace, size)
+        actions.set_outputs(matrix=matrix, reference_runs_on=json.dumps(reference_runner.labels()))
         echo(matrix)
         return
     for repo in the_plan.repos:
@@ -67,6 +67,24 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
     if the_plan.unsupported:
         raise UnsupportedSource(f"nothing of {ref.public_name} can be built with recipe '{recipe.name}': "
                                 f"{the_plan.unsupported}")
+
+
+def _github_matrix(the_plan, classes, namespace: str, size: preflight.SourceSize | None):
+    """The build jobs' matrix, each routed by its estimate (build jobs get the reference passed in,
+    so they never load the source model), and the runner class of the job computing that reference."""
+    needs = {v.id: None for v in the_plan.variants}
+    reference_need = None
+    if size:
+        for v in the_plan.variants:
+            e = preflight.estimate_variant(the_plan, v, size.parameters, size.dtype, reference=False)
+            needs[v.id] = (e.peak_ram_bytes, e.disk_bytes)
+        reference_need = preflight.reference_job(the_plan, size.parameters, size.dtype)
+    routed = {r.variant_id: r for r in runners.route(needs, classes)}
+    entries = [runners.matrix_entry(routed[v.id], {"variant": v.id, "repo": r.repo_id(namespace), "format": r.format,
+                                                   "precision": v.native})
+               for r in the_plan.repos for v in r.variants]
+    reference_runner = runners.route({"reference": reference_need}, classes)[0].runner
+    return json.dumps({"include": entries}, separators=(",", ":")), reference_runner
 
 
 def _local_config(ref) -> dict | None:
