@@ -6,8 +6,8 @@ the body by the format's template, which includes the shared provenance and vali
 A card is a function of the build alone: no date, no clock, no build seconds or memory peaks
 (those stay in build.json and the backends' details), so rebuilding the same source with the
 same recipe and tools gives the same README.md on any day, and ``--force`` then commits nothing.
-The source is named by its commit (a Hub source) or content hash (a local folder), which says
-which release it is better than any date.
+The card names the source by its commit (a Hub source) or content hash (a local folder): that,
+not a date, says which release it was built from.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .paths import bundled
 
 if TYPE_CHECKING:
     from .record import RepoRecord, SourceInfo
+
 
 def templates_dir() -> Path:
     """HUBBOT_TEMPLATES_DIR, or the templates shipped with hubbot (the repo's ``templates/``)."""
