@@ -2,12 +2,17 @@
 
 The YAML metadata is produced by huggingface_hub's ``ModelCardData`` (never templated by hand),
 the body by the format's template, which includes the shared provenance and validation parts.
+
+A card is a function of the build alone: no date, no clock, no build seconds or memory peaks
+(those stay in build.json and the backends' details), so rebuilding the same source with the
+same recipe and tools gives the same README.md on any day, and ``--force`` then commits nothing.
+The card names the source by its commit (a Hub source) or content hash (a local folder): that,
+not a date, says which release it was built from.
 """
 
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,15 +20,15 @@ import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
+from .paths import bundled
 
 if TYPE_CHECKING:
     from .record import RepoRecord, SourceInfo
 
-DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-
 
 def templates_dir() -> Path:
-    return Path(os.environ.get("HUBBOT_TEMPLATES_DIR", DEFAULT_TEMPLATES_DIR))
+    """HUBBOT_TEMPLATES_DIR, or the templates shipped with hubbot (the repo's ``templates/``)."""
+    return Path(os.environ.get("HUBBOT_TEMPLATES_DIR") or bundled("templates"))
 
 
 def human_size(n: int | None) -> str:
@@ -59,20 +64,31 @@ def recommended(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(good, key=lambda r: r["bytes"]) if good else None
 
 
+def is_measurement(key: str) -> bool:
+    """Build seconds and memory peaks: different on every run, so never on the card."""
+    return key.endswith(("seconds", "rss_bytes"))
+
+
+def card_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A variant's row as the templates see it: its measurements left out, so a template that asked
+    for one fails (StrictUndefined) instead of making the card change from run to run."""
+    details = {k: v for k, v in row["details"].items() if not is_measurement(k)}
+    return {**{k: v for k, v in row.items() if not is_measurement(k)}, "details": details}
+
+
 def render_card(record: RepoRecord) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["size"] = human_size
     backend, source, plan = record.backend, record.source, record.plan
     metadata = card_metadata(source, backend)
-    rows = [r.row() for r in record.ordered]
+    rows = [card_row(r.row()) for r in record.ordered]
     body = env.get_template(backend.template).render(
         repo_id=record.repo_id, model_name=source.model_name, base_model=source.base_model,
         source=source.public_name, commit=source.commit, license=metadata.license,
         family=plan.source.family, recipe=plan.recipe, recipe_hash=plan.recipe_hash(record.repo),
         rows=rows, recommended=recommended(rows), reference=record.reference, tools=record.tools,
-        hubbot_version=__version__, built_at=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        parameters=plan.parameters,
+        hubbot_version=__version__, parameters=plan.parameters,
     )
     content = f"---\n{metadata.to_yaml()}\n---\n\n{body}"
     ModelCard(content)  # parses the metadata back; raises if it is not valid card YAML

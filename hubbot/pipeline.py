@@ -10,13 +10,13 @@ publish (``artifacts``) runs the same steps on builds made elsewhere.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .backends import Backend, get_backend
+from .diskspace import guarded_scratch_folder
 from .errors import BuildError, UnsupportedSource
 from .paths import cache_root
 from .plan import Plan, RepoPlan, Variant, count_parameters, make_plan
@@ -166,8 +166,10 @@ class Publisher:
         if up_to_date(self.target, repo_id, key, plan=plan, repo=repo, commit=snapshot.commit, force=self.force,
                       log=self.log):
             return RepoOutcome(repo_id, "up-to-date")
-        with tempfile.TemporaryDirectory(prefix="hubbot-", dir=self.workdir) as tmp:
-            repo_dir, work = Path(tmp) / "repo", Path(tmp) / "work"
+        out_dir = getattr(self.target, "out_dir", None)
+        with guarded_scratch_folder(plan, snapshot, repo_id, workdir=self.workdir, out_dir=out_dir,
+                                    log=self.log) as tmp:
+            repo_dir, work = tmp / "repo", tmp / "work"
             repo_dir.mkdir()
             work.mkdir()
             results = build_and_validate(backend, repo.variants, snapshot, repo_dir, work, reference, self.log)

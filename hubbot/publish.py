@@ -8,13 +8,15 @@ atomic on the Hub, so a failed push leaves the repo exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,31 +64,83 @@ class Target(Protocol):
 
 
 class FolderTarget:
-    """``--out DIR``: each repo becomes DIR/<repo name>, exactly as it would be pushed."""
+    """``--out DIR``: each repo becomes DIR/<repo name>, exactly as it would be pushed.
+
+    A push copies the repo into ``DIR/.staging-*``, then swaps it in with two renames (the old
+    folder to ``DIR/.old-<name>``, the staging folder to ``DIR/<name>``), so the folder is never
+    half old, half new. A run killed on the way leaves one of those behind; the next run, before
+    it reads or writes anything, removes staging folders and puts a ``.old-`` folder back where
+    its repo folder is missing (killed between the renames) or removes it where it is not. All of
+    it happens under a lock on DIR (``flock``, released by the kernel when its holder dies), so a
+    concurrent run never sees, or cleans up, another's half-done swap.
+    """
+
+    STAGING = ".staging-"
+    OLD = ".old-"
 
     def __init__(self, out_dir: Path, namespace: str):
         self.out_dir = Path(out_dir)
         self.namespace = namespace
 
     def describe(self, repo_id: str) -> str:
-        return str(self.out_dir / repo_id.split("/")[1])
+        return str(self._dest(repo_id))
 
     def current_manifest(self, repo_id: str) -> dict[str, Any] | None:
-        path = self.out_dir / repo_id.split("/")[1] / MANIFEST
+        if self.out_dir.is_dir():
+            with self._locked():
+                self._recover()
+        path = self._dest(repo_id) / MANIFEST
         return json.loads(path.read_text()) if path.is_file() else None
 
     def push(self, repo_id: str, folder: Path, message: str, description: str) -> PushResult:
-        dest = self.out_dir / repo_id.split("/")[1]
+        dest = self._dest(repo_id)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out_dir))
-        shutil.copytree(folder, staging, dirs_exist_ok=True)
-        old = dest.with_name(f".old-{dest.name}")
-        if dest.exists():
-            dest.rename(old)
-        staging.rename(dest)  # the folder is swapped whole: never half old, half new
-        shutil.rmtree(old, ignore_errors=True)
+        with self._locked():
+            self._recover()
+            staging = Path(tempfile.mkdtemp(prefix=self.STAGING, dir=self.out_dir))
+            try:
+                copy_files(folder, staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            old = self.out_dir / f"{self.OLD}{dest.name}"
+            if dest.exists():
+                dest.rename(old)
+            staging.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
         files = folder_files(dest)
         return PushResult(repo_id, str(dest), bytes=sum(f.stat().st_size for f in files), files=len(files))
+
+    def _dest(self, repo_id: str) -> Path:
+        return self.out_dir / repo_id.split("/")[1]
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.out_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _recover(self) -> None:
+        """Undo what a killed push left behind (call with the lock held: no live push is half done)."""
+        for staging in self.out_dir.glob(f"{self.STAGING}*"):
+            shutil.rmtree(staging, ignore_errors=True)
+        for old in self.out_dir.glob(f"{self.OLD}*"):
+            dest = self.out_dir / old.name.removeprefix(self.OLD)
+            if dest.exists():
+                shutil.rmtree(old, ignore_errors=True)  # the new folder was in place
+            else:
+                old.rename(dest)  # killed between the renames: the previous folder comes back
+
+
+def copy_files(src: Path, dest: Path) -> None:
+    """Copy every file of ``src`` into ``dest``; a failed write raises its own OSError (ENOSPC included)."""
+    for f in folder_files(src):
+        target = dest / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, target)
 
 
 class HubTarget:

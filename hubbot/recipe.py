@@ -22,9 +22,9 @@ import yaml
 from .backends import OptionError, formats, get_backend
 from .backends.support import ARCHITECTURES
 from .errors import RecipeError, UsageError
+from .paths import bundled
 from .runners import HOSTED, RunnerClass, parse_size
 
-DEFAULT_RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 NAMING_FIELDS = {"model", "quant", "precision", "target", "format", "variant", "group"}
 DEFAULT_PROMPTS = [
     {"name": "count", "text": "Count: 1, 2, 3, 4, 5,"},
@@ -35,7 +35,8 @@ DEFAULT_THRESHOLDS = {"fp32": 1.0, "fp16": 1.0, "bf16": 1.0, "int8": 0.98, "int6
 
 
 def recipes_dir() -> Path:
-    return Path(os.environ.get("HUBBOT_RECIPES_DIR", DEFAULT_RECIPES_DIR))
+    """HUBBOT_RECIPES_DIR, or the recipes shipped with hubbot (the repo's ``recipes/``)."""
+    return Path(os.environ.get("HUBBOT_RECIPES_DIR") or bundled("recipes"))
 
 
 @dataclass(frozen=True)
