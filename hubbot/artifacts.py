@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import get_backend
+from .diskspace import guarded_scratch_folder
 from .errors import UsageError
 from .pipeline import RepoOutcome, build_and_validate, prepare, publish_staged, select, stage_repo, up_to_date
 from .plan import Plan, RepoPlan, make_plan
@@ -69,8 +70,8 @@ def build_variant(spec: str, recipe_name: str | None, variant_id: str, out: Path
     reference = LazyReference(snapshot, log, reference_file)
     if reference_file:
         reference.get()  # a reference of another source is refused before anything is built
-    with tempfile.TemporaryDirectory(prefix="hubbot-", dir=workdir) as tmp:
-        results = build_and_validate(backend, [variant], snapshot, out / "files", Path(tmp), reference, log)
+    with guarded_scratch_folder(plan, snapshot, variant_id, workdir=workdir, out_dir=out, log=log) as tmp:
+        results = build_and_validate(backend, [variant], snapshot, out / "files", tmp, reference, log)
     record = RepoRecord(repo.name, plan, repo, SourceInfo.from_snapshot(snapshot), results, reference.summary(),
                         backend.tool_versions())
     text = build_json(record, variant_id)
