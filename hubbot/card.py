@@ -88,7 +88,8 @@ def render_card(record: RepoRecord) -> str:
         source=source.public_name, commit=source.commit, license=metadata.license,
         family=plan.source.family, recipe=plan.recipe, recipe_hash=plan.recipe_hash(record.repo),
         rows=rows, recommended=recommended(rows), reference=record.reference, tools=record.tools,
-        hubbot_version=__version__, parameters=plan.parameters,
+        hubbot_version=__version__, parameters=plan.parameters, architecture=plan.architecture,
+        dropped=[d for d in plan.dropped if d.repo == record.repo.name],
     )
     content = f"---\n{metadata.to_yaml()}\n---\n\n{body}"
     ModelCard(content)  # parses the metadata back; raises if it is not valid card YAML
