@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .backends import Backend, get_backend
-from .errors import BuildError
+from .errors import BuildError, HubbotError
+from .hub import transport_failure, unreachable
 from .paths import cache_root
 from .plan import Plan, RepoPlan, Variant, count_parameters, make_plan
 from .publish import REPORT, PushResult, Target
@@ -110,11 +112,25 @@ def publish_staged(target: Target, staged: StagedRepo, log: Log) -> RepoOutcome:
         return RepoOutcome(repo_id, "failed", reports, message=f"failed validation: {names}")
     log(f"{repo_id}: all {len(reports)} variants passed; publishing to {target.describe(repo_id)}")
     push = target.push(repo_id, staged.folder, record.commit_message, record.commit_description)
+    if push.up_to_date:
+        log(f"{repo_id}: up to date: a concurrent run published this build first; no commit")
+        return RepoOutcome(repo_id, "up-to-date", reports, push)
     if not push.changed:
         log(f"{repo_id}: rebuilt files are identical to the published ones; nothing changed, no commit")
         return RepoOutcome(repo_id, "unchanged", reports, push)
     log(f"{repo_id}: " + (f"opened pull request {push.pr_url}" if push.pr_url else f"published to {push.url}"))
     return RepoOutcome(repo_id, "published", reports, push)
+
+
+def failure_reason(e: Exception) -> str:
+    """One line saying why a repo failed: hubbot's own message, the Hub connection's cause, or the error."""
+    if isinstance(e, BuildError):
+        return f"build failed: {e}"
+    if isinstance(e, HubbotError):
+        return str(e)
+    if transport_failure(e) is not None:
+        return str(unreachable(e))
+    return "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[-1]
 
 
 def _keep_failed_report(staged: StagedRepo) -> Path:
@@ -146,8 +162,18 @@ class Publisher:
         self.workdir = Path(workdir) if workdir else None
 
     def run(self, plan: Plan, snapshot: Snapshot) -> list[RepoOutcome]:
+        """Every repo of the plan; one that fails (its build, the Hub) is reported and the others go on."""
         reference = LazyReference(snapshot, self.log)
-        return [self.run_repo(plan, repo, snapshot, reference) for repo in plan.repos]
+        return [self._run_or_report(plan, repo, snapshot, reference) for repo in plan.repos]
+
+    def _run_or_report(self, plan: Plan, repo: RepoPlan, snapshot: Snapshot, reference: LazyReference) -> RepoOutcome:
+        try:
+            return self.run_repo(plan, repo, snapshot, reference)
+        except Exception as e:  # noqa: BLE001 - one repo's failure must not hide the others
+            repo_id = repo.repo_id(self.target.namespace)
+            reason = failure_reason(e)
+            self.log(f"{repo_id}: NOT published — {reason}")
+            return RepoOutcome(repo_id, "failed", message=reason)
 
     def run_repo(self, plan: Plan, repo: RepoPlan, snapshot: Snapshot, reference: LazyReference) -> RepoOutcome:
         backend = get_backend(repo.format)
