@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend, get_backend
-from .errors import BuildError, HubbotError
+from .errors import BuildError, HubbotError, HubUnreachable
 from .hub import transport_failure, unreachable
 from .paths import cache_root
 from .plan import Plan, RepoPlan, Variant, count_parameters, make_plan
@@ -39,6 +39,13 @@ class RepoOutcome:
     reports: list[dict[str, Any]] = field(default_factory=list)  # VariantReport.to_dict() of each variant
     push: PushResult | None = None
     message: str = ""
+    hub_unreachable: bool = False  # failed because the Hub could not be reached
+
+    @property
+    def summary(self) -> str:
+        """The message in one line: its first line and, when a tool's log follows, that log's last line."""
+        lines = [line.strip() for line in self.message.splitlines() if line.strip()]
+        return " … ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
 
 
 @dataclass
@@ -122,6 +129,31 @@ def publish_staged(target: Target, staged: StagedRepo, log: Log) -> RepoOutcome:
     return RepoOutcome(repo_id, "published", reports, push)
 
 
+def run_each(runs: Sequence[tuple[str, Callable[[], RepoOutcome]]], log: Log) -> list[RepoOutcome]:
+    """Each repo's run in turn: one that fails is reported in its outcome and the others go on, except that
+    once the Hub cannot be reached the rest are not tried (building what cannot be pushed helps no one)."""
+    outcomes: list[RepoOutcome] = []
+    for repo_id, run in runs:
+        gone = next((o for o in outcomes if o.hub_unreachable), None)
+        if gone:
+            outcomes.append(RepoOutcome(repo_id, "failed", message=f"not tried: the Hub could not be reached for "
+                                        f"{gone.repo_id}", hub_unreachable=True))
+        else:
+            outcomes.append(outcome_or_failure(repo_id, run, log))
+    return outcomes
+
+
+def outcome_or_failure(repo_id: str, run: Callable[[], RepoOutcome], log: Log) -> RepoOutcome:
+    """``run()``'s outcome, or a failed one saying why."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - reported in the outcome, the run goes on
+        reason = failure_reason(e)
+        log(f"{repo_id}: NOT published — {reason}")
+        gone = isinstance(e, HubUnreachable) or transport_failure(e) is not None
+        return RepoOutcome(repo_id, "failed", message=reason, hub_unreachable=gone)
+
+
 def failure_reason(e: Exception) -> str:
     """One line saying why a repo failed: hubbot's own message, the Hub connection's cause, or the error."""
     if isinstance(e, BuildError):
@@ -164,16 +196,9 @@ class Publisher:
     def run(self, plan: Plan, snapshot: Snapshot) -> list[RepoOutcome]:
         """Every repo of the plan; one that fails (its build, the Hub) is reported and the others go on."""
         reference = LazyReference(snapshot, self.log)
-        return [self._run_or_report(plan, repo, snapshot, reference) for repo in plan.repos]
-
-    def _run_or_report(self, plan: Plan, repo: RepoPlan, snapshot: Snapshot, reference: LazyReference) -> RepoOutcome:
-        try:
-            return self.run_repo(plan, repo, snapshot, reference)
-        except Exception as e:  # noqa: BLE001 - one repo's failure must not hide the others
-            repo_id = repo.repo_id(self.target.namespace)
-            reason = failure_reason(e)
-            self.log(f"{repo_id}: NOT published — {reason}")
-            return RepoOutcome(repo_id, "failed", message=reason)
+        return run_each([(repo.repo_id(self.target.namespace),
+                          lambda repo=repo: self.run_repo(plan, repo, snapshot, reference)) for repo in plan.repos],
+                        self.log)
 
     def run_repo(self, plan: Plan, repo: RepoPlan, snapshot: Snapshot, reference: LazyReference) -> RepoOutcome:
         backend = get_backend(repo.format)

@@ -136,10 +136,13 @@ class HubTarget:
         from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
         try:
+            # the head first, with hubbot's retries: a Hub that is down fails here in seconds, where
+            # hf_hub_download would retry for half a minute each time
+            revision = revision or self._head(repo_id)
             with tempfile.TemporaryDirectory() as tmp:
                 path = self._with_retries(
                     lambda: self.api.hf_hub_download(repo_id, MANIFEST, revision=revision, local_dir=tmp),
-                    f"read {repo_id}/{MANIFEST}")
+                    f"read {repo_id}/{MANIFEST}", attempts=1)  # it retries failed connections and 5xx itself
                 return json.loads(Path(path).read_text())
         except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
             return None
@@ -211,7 +214,7 @@ class HubTarget:
             else:
                 known = "the commit never reached the Hub: nothing was committed"
             if attempt == self.retries:
-                if status is None:
+                if isinstance(error, NOT_SENT):
                     raise HubUnreachable(f"{what}: cannot reach the Hub at {self.api.endpoint} ({attempt} "
                                          f"attempt(s)): {reason}; {known}")
                 raise PublishError(f"{what} failed after {attempt} attempt(s): {reason}; {known}")
@@ -223,7 +226,7 @@ class HubTarget:
                reason: str) -> _Landed | None:
         """After a commit whose answer was lost: did it land? _Landed, None (it did not), or raises
         _Conflict (someone else's commit is there) or PublishError (the Hub cannot tell us)."""
-        self.log(f"{what}: no answer ({reason}); checking what the Hub holds")
+        self.log(f"{what}: {reason}; checking whether it landed")
         try:
             if use_pr:
                 landed = self._find_pr(repo_id, message, ours)
@@ -282,9 +285,10 @@ class HubTarget:
         base = float(os.environ.get("HUBBOT_RETRY_BACKOFF", "2"))
         return min(base * 2 ** (attempt - 1), 60.0)
 
-    def _with_retries(self, call: Callable[[], Any], what: str) -> Any:
-        """``call`` (a read, or an idempotent write), retried on rate limits, 5xx and connection failures.
-        Answers the caller must see (not found, conflicts) are re-raised as they are."""
+    def _with_retries(self, call: Callable[[], Any], what: str, attempts: int | None = None) -> Any:
+        """``call`` (a read, or an idempotent write), tried up to ``attempts`` (default: ``retries``) times
+        on rate limits, 5xx and connection failures. Answers the caller must see (not found, conflicts) are
+        re-raised as they are."""
         from huggingface_hub.errors import (
             HfHubHTTPError,
             RemoteEntryNotFoundError,
@@ -292,7 +296,9 @@ class HubTarget:
             RevisionNotFoundError,
         )
 
-        for attempt in range(1, self.retries + 1):
+        attempts = attempts or self.retries
+
+        for attempt in range(1, attempts + 1):
             try:
                 return call()
             except Exception as e:  # noqa: BLE001 - sorted below; anything unknown is re-raised
@@ -304,11 +310,11 @@ class HubTarget:
                         raise error from None
                     if status not in TRANSIENT_STATUS:
                         raise self._refused(what, error, status) from None
-                    if attempt == self.retries:
+                    if attempt == attempts:
                         raise PublishError(f"{what} failed after {attempt} attempt(s): HTTP {status}") from None
                     self._pause(what, attempt, f"HTTP {status}", _retry_after(error.response), fresh=False)
                 elif transport_failure(e) is not None:
-                    if attempt == self.retries:
+                    if attempt == attempts:
                         raise unreachable(e, self.api.endpoint, f"{what} ({attempt} attempt(s))") from None
                     self._pause(what, attempt, cause(transport_failure(e)), None, fresh=True)
                 else:

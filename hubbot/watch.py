@@ -53,8 +53,8 @@ class ReleaseResult:
     @property
     def where(self) -> str:
         if self.outcomes:
-            return ", ".join(f"{o.repo_id} ({o.status}" + (f": {o.message.splitlines()[0]})" if o.status == "failed"
-                                                          and o.message else ")") for o in self.outcomes)
+            return ", ".join(f"{o.repo_id} ({o.status}" + (f": {o.summary})" if o.status == "failed" and o.message
+                                                          else ")") for o in self.outcomes)
         return self.reason
 
 

@@ -93,7 +93,7 @@ def _from_artifacts(obj, folder: Path, target, force: bool) -> None:
 
 
 def _finish(outcomes: list[RepoOutcome]) -> None:
-    rows = [(o.repo_id, o.status, (o.push.pr_url or o.push.url) if o.push else o.message.split("\n")[0],
+    rows = [(o.repo_id, o.status, (o.push.pr_url or o.push.url) if o.push else o.summary,
              o.push.files if o.push else "", o.push.bytes if o.push else "") for o in outcomes]
     report("repos", REPO_COLUMNS, rows, summary_title="hubbot publish")
     actions.set_outputs(published=" ".join(o.repo_id for o in outcomes if o.status == "published"))
@@ -101,8 +101,8 @@ def _finish(outcomes: list[RepoOutcome]) -> None:
     for o in failed:
         actions.error(o.message, title=f"{o.repo_id} not published")
     if failed:
-        raise HubbotError(f"{len(failed)} of {len(outcomes)} repo(s) not published: "
-                          f"{', '.join(o.repo_id for o in failed)} (the table says why)")
+        reasons = "; ".join(f"{o.repo_id}: {o.summary}" for o in failed)
+        raise HubbotError(f"{len(failed)} of {len(outcomes)} repo(s) not published — {reasons}")
 
 
 def verdict(report: dict) -> str:
