@@ -13,6 +13,7 @@ times out.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 import ssl
@@ -56,7 +57,7 @@ def _seconds(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = 0.0
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise UsageError(f"{name}={raw!r}: give a number of seconds above 0")
     return value
 

@@ -261,6 +261,19 @@ def test_commit_that_never_lands_says_nothing_was_committed_only_after_checking(
     assert len(commits_tried) == 4  # bounded retries, each checked first
 
 
+def test_pull_request_opened_but_its_answer_lost_is_found_not_opened_twice(proxy, hub, recipes, artifacts):
+    old = json.dumps({"key": "an-older-build", "files": {"tiny-phi3-F16.gguf": {"size": 4}}})
+    hub.seed_repo(F16, {"hubbot.json": old, "tiny-phi3-F16.gguf": b"GGUF"}, author=USER)
+    proxy.fault("drop_after", method="POST", path=rf"{F16}/commit/")
+    result = publish_artifacts(recipes, artifacts, "--pr")
+    succeeded(result)
+    [pr] = hub.pull_requests(F16)
+    assert "had landed although its answer was lost" in result.stderr
+    assert f"/{F16}/discussions/{pr.num}" in squash(result.stdout)
+    assert json.loads(pr.files["hubbot.json"])["key"] != "an-older-build"
+    assert json.loads(hub.files(F16)["hubbot.json"])["key"] == "an-older-build"  # main untouched
+
+
 def test_commit_whose_fate_cannot_be_checked_is_reported_unknown(proxy, hub, recipes, artifacts):
     """The commit lands, the answer is lost and the Hub goes away: hubbot cannot tell and says so."""
     proxy.fault("drop_after", method="POST", path=COMMIT, then_refuse=True)
