@@ -185,7 +185,7 @@ def fetch(ref: SourceRef, api: Any = None, cache_dir: Path | None = None) -> Sna
             RevisionNotFoundError,
         )
 
-        from .hub import reaching, underlying
+        from .hub import reaching, transport_failure, underlying
 
         with reaching(api.endpoint, f"download the source {ref.repo_id}"):
             try:
@@ -202,9 +202,10 @@ def fetch(ref: SourceRef, api: Any = None, cache_dir: Path | None = None) -> Sna
                 raise UsageError(f"source '{ref.repo_id}' has no revision '{ref.revision}'") from None
             except (HfHubHTTPError, LocalEntryNotFoundError) as e:
                 error = underlying(e)
-                if not isinstance(error, HfHubHTTPError):
+                if transport_failure(e) is not None:
                     raise  # a connection failure: ``reaching`` says so
-                status = error.response.status_code if error.response is not None else None
+                status = error.response.status_code if isinstance(error, HfHubHTTPError) and \
+                    error.response is not None else None
                 if status is not None and (status >= 500 or status == 429):
                     raise HubbotError(f"cannot read source '{ref.repo_id}' from {api.endpoint}: the Hub answered "
                                       f"HTTP {status}; try again later") from None
