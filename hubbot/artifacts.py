@@ -22,7 +22,16 @@ from typing import Any
 from .backends import get_backend
 from .diskspace import guarded_scratch_folder
 from .errors import UsageError
-from .pipeline import RepoOutcome, build_and_validate, prepare, publish_staged, select, stage_repo, up_to_date
+from .pipeline import (
+    RepoOutcome,
+    build_and_validate,
+    prepare,
+    publish_staged,
+    run_each,
+    select,
+    stage_repo,
+    up_to_date,
+)
 from .plan import Plan, RepoPlan, make_plan
 from .publish import Target
 from .recipe import Family
@@ -126,8 +135,9 @@ def publish_builds(builds: list[VariantBuild], families: dict[str, Family], targ
     source = SourceInfo(**first["source"])
     plan = make_plan(_source_ref(source, family), family.recipe(first["recipe"]), first["parameters"])
     by_variant = {b.variant_id: b for b in builds}
-    return [_publish_repo(plan, repo, source, by_variant, target, log, force) for repo in plan.repos
-            if any(v.id in by_variant for v in repo.variants)]
+    return run_each([(repo.repo_id(target.namespace),
+                      lambda repo=repo: _publish_repo(plan, repo, source, by_variant, target, log, force))
+                     for repo in plan.repos if any(v.id in by_variant for v in repo.variants)], log)
 
 
 def _publish_repo(plan: Plan, repo: RepoPlan, source: SourceInfo, by_variant: dict[str, VariantBuild],

@@ -50,4 +50,9 @@ class ValidationFailed(HubbotError):
 
 
 class PublishError(HubbotError):
-    """The Hub refused or failed the push; the repo was left as it was."""
+    """The Hub refused or failed the push; the message says what is known of the repo's state."""
+
+
+class HubUnreachable(HubbotError):
+    """The Hub could not be reached (DNS, refused, TLS, timeout, dropped connection): names the endpoint and
+    the cause."""

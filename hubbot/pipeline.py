@@ -10,6 +10,7 @@ publish (``artifacts``) runs the same steps on builds made elsewhere.
 from __future__ import annotations
 
 import shutil
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any
 
 from .backends import Backend, get_backend
 from .diskspace import guarded_scratch_folder
-from .errors import BuildError, UnsupportedSource
+from .errors import BuildError, HubbotError, HubUnreachable, UnsupportedSource
+from .hub import transport_failure, unreachable
 from .paths import cache_root
 from .plan import Plan, RepoPlan, Variant, count_parameters, make_plan
 from .publish import REPORT, PushResult, Target
@@ -37,6 +39,13 @@ class RepoOutcome:
     reports: list[dict[str, Any]] = field(default_factory=list)  # VariantReport.to_dict() of each variant
     push: PushResult | None = None
     message: str = ""
+    hub_unreachable: bool = False  # failed because the Hub could not be reached
+
+    @property
+    def summary(self) -> str:
+        """The message in one line: its first line and, when a tool's log follows, that log's last line."""
+        lines = [line.strip() for line in self.message.splitlines() if line.strip()]
+        return " … ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
 
 
 @dataclass
@@ -119,11 +128,50 @@ def publish_staged(target: Target, staged: StagedRepo, log: Log) -> RepoOutcome:
         return RepoOutcome(repo_id, "failed", reports, message=f"failed validation: {names}")
     log(f"{repo_id}: all {len(reports)} variants passed; publishing to {target.describe(repo_id)}")
     push = target.push(repo_id, staged.folder, record.commit_message, record.commit_description)
+    if push.up_to_date:
+        log(f"{repo_id}: up to date: a concurrent run published this build first; no commit")
+        return RepoOutcome(repo_id, "up-to-date", reports, push)
     if not push.changed:
         log(f"{repo_id}: rebuilt files are identical to the published ones; nothing changed, no commit")
         return RepoOutcome(repo_id, "unchanged", reports, push)
     log(f"{repo_id}: " + (f"opened pull request {push.pr_url}" if push.pr_url else f"published to {push.url}"))
     return RepoOutcome(repo_id, "published", reports, push)
+
+
+def run_each(runs: Sequence[tuple[str, Callable[[], RepoOutcome]]], log: Log) -> list[RepoOutcome]:
+    """Each repo's run in turn: one that fails is reported in its outcome and the others go on, except that
+    once the Hub cannot be reached the rest are not tried (building what cannot be pushed helps no one)."""
+    outcomes: list[RepoOutcome] = []
+    for repo_id, run in runs:
+        gone = next((o for o in outcomes if o.hub_unreachable), None)
+        if gone:
+            outcomes.append(RepoOutcome(repo_id, "failed", message=f"not tried: the Hub could not be reached for "
+                                        f"{gone.repo_id}", hub_unreachable=True))
+        else:
+            outcomes.append(outcome_or_failure(repo_id, run, log))
+    return outcomes
+
+
+def outcome_or_failure(repo_id: str, run: Callable[[], RepoOutcome], log: Log) -> RepoOutcome:
+    """``run()``'s outcome, or a failed one saying why."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - reported in the outcome, the run goes on
+        reason = failure_reason(e)
+        log(f"{repo_id}: NOT published — {reason}")
+        gone = isinstance(e, HubUnreachable) or transport_failure(e) is not None
+        return RepoOutcome(repo_id, "failed", message=reason, hub_unreachable=gone)
+
+
+def failure_reason(e: Exception) -> str:
+    """One line saying why a repo failed: hubbot's own message, the Hub connection's cause, or the error."""
+    if isinstance(e, BuildError):
+        return f"build failed: {e}"
+    if isinstance(e, HubbotError):
+        return str(e)
+    if transport_failure(e) is not None:
+        return str(unreachable(e))
+    return "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[-1]
 
 
 def _keep_failed_report(staged: StagedRepo) -> Path:
@@ -155,8 +203,11 @@ class Publisher:
         self.workdir = Path(workdir) if workdir else None
 
     def run(self, plan: Plan, snapshot: Snapshot) -> list[RepoOutcome]:
+        """Every repo of the plan; one that fails (its build, the Hub) is reported and the others go on."""
         reference = LazyReference(snapshot, self.log)
-        return [self.run_repo(plan, repo, snapshot, reference) for repo in plan.repos]
+        return run_each([(repo.repo_id(self.target.namespace),
+                          lambda repo=repo: self.run_repo(plan, repo, snapshot, reference)) for repo in plan.repos],
+                        self.log)
 
     def run_repo(self, plan: Plan, repo: RepoPlan, snapshot: Snapshot, reference: LazyReference) -> RepoOutcome:
         backend = get_backend(repo.format)

@@ -376,9 +376,13 @@ def source_size(ref: SourceRef, api: Any = None) -> SourceSize:
     import httpx
     from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError, SafetensorsParsingError
 
+    from .hub import transport_failure, unreachable
+
     try:
         meta = api.get_safetensors_metadata(ref.repo_id, revision=ref.revision)
     except (HfHubHTTPError, NotASafetensorsRepoError, SafetensorsParsingError, OSError, httpx.HTTPError) as e:
+        if transport_failure(e) is not None:  # no Hub, no run: say so now, not after "preflight skipped"
+            raise unreachable(e, api.endpoint, f"read the safetensors headers of {ref.display}") from None
         raise SizeUnknown(f"cannot read the safetensors headers of {ref.display} ({type(e).__name__})") from None
     size = SourceSize.from_counts(meta.parameter_count)
     if size is None:

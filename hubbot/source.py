@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import HubbotError, UsageError
 from .recipe import Family
 
 SNAPSHOT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model",
@@ -178,22 +178,38 @@ def fetch(ref: SourceRef, api: Any = None, cache_dir: Path | None = None) -> Sna
     if ref.is_local:
         path, commit = ref.path, "local:" + _folder_digest(ref.path)[:16]
     else:
-        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
-        try:
-            info = api.model_info(ref.repo_id, revision=ref.revision)
-            commit = info.sha
-            # HF_HUB_CACHE is read when huggingface_hub is imported; honour a later change too
-            cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")
-            path = Path(api.snapshot_download(ref.repo_id, revision=commit, allow_patterns=SNAPSHOT_PATTERNS,
-                                              cache_dir=cache_dir))
-        except RepositoryNotFoundError:
-            raise UsageError(f"source repo '{ref.repo_id}' not found on {api.endpoint} "
-                             f"(or it is private/gated and the token cannot read it)") from None
-        except RevisionNotFoundError:
-            raise UsageError(f"source '{ref.repo_id}' has no revision '{ref.revision}'") from None
-        except HfHubHTTPError as e:
-            raise UsageError(f"cannot read source '{ref.repo_id}': {e}") from None
+        from .hub import reaching, transport_failure, underlying
+
+        with reaching(api.endpoint, f"download the source {ref.repo_id}"):
+            try:
+                info = api.model_info(ref.repo_id, revision=ref.revision)
+                commit = info.sha
+                # HF_HUB_CACHE is read when huggingface_hub is imported; honour a later change too
+                cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")
+                path = Path(api.snapshot_download(ref.repo_id, revision=commit, allow_patterns=SNAPSHOT_PATTERNS,
+                                                  cache_dir=cache_dir))
+            except RepositoryNotFoundError:
+                raise UsageError(f"source repo '{ref.repo_id}' not found on {api.endpoint} "
+                                 f"(or it is private/gated and the token cannot read it)") from None
+            except RevisionNotFoundError:
+                raise UsageError(f"source '{ref.repo_id}' has no revision '{ref.revision}'") from None
+            except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+                error = underlying(e)
+                if transport_failure(e) is not None:
+                    raise  # a connection failure: ``reaching`` says so
+                status = error.response.status_code if isinstance(error, HfHubHTTPError) and \
+                    error.response is not None else None
+                if status is not None and (status >= 500 or status == 429):
+                    raise HubbotError(f"cannot read source '{ref.repo_id}' from {api.endpoint}: the Hub answered "
+                                      f"HTTP {status}; try again later") from None
+                raise UsageError(f"cannot read source '{ref.repo_id}': {error}") from None
     check_model_folder(path)
     card = _card_data(path)
     license_ = card.get("license") or ref.license

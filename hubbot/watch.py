@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HubbotError, UnsupportedSource, UsageError
+from .hub import reaching
 from .ledger import Ledger
-from .pipeline import Publisher, RepoOutcome, prepare, select
+from .pipeline import Publisher, RepoOutcome, failure_reason, prepare, select
 from .plan import Dropped, make_plan
 from .recipe import Family
 from .secrets import redact
@@ -55,7 +55,8 @@ class ReleaseResult:
     @property
     def where(self) -> str:
         if self.outcomes:
-            return ", ".join(f"{o.repo_id} ({o.status})" for o in self.outcomes)
+            return ", ".join(f"{o.repo_id} ({o.status}" + (f": {o.summary})" if o.status == "failed" and o.message
+                                                          else ")") for o in self.outcomes)
         return self.reason
 
 
@@ -156,9 +157,10 @@ class Watcher:
                 fam.recipe(self.recipe)
 
     def once(self, since: datetime | None = None) -> list[ReleaseResult]:
-        releases = find_releases(self.api, self.families.values(), since)
-        self.log(f"{len(releases)} release(s) of {', '.join(self.families)} on {self.api.endpoint}")
-        return [self.handle(r) for r in releases]
+        with reaching(self.api.endpoint, "watch"):  # listing, or checking a release can be read
+            releases = find_releases(self.api, self.families.values(), since)
+            self.log(f"{len(releases)} release(s) of {', '.join(self.families)} on {self.api.endpoint}")
+            return [self.handle(r) for r in releases]
 
     def handle(self, release: ListedRelease) -> ReleaseResult:
         fam = self.families[release.family]
@@ -189,8 +191,7 @@ class Watcher:
         except HubbotError as e:
             return self._fail(release, str(e))
         except Exception as e:  # noqa: BLE001 - one broken release must not stop the others
-            self.log("".join(traceback.format_exception_only(type(e), e)).strip())
-            return self._fail(release, f"{type(e).__name__}: {e}")
+            return self._fail(release, failure_reason(e))
         except BaseException:  # interrupted (Ctrl-C, a cancelled job): free the claim for the next pass
             self.ledger.finish(release.repo, release.sha, "failed", "interrupted")
             raise
@@ -253,7 +254,7 @@ class Watcher:
                     self.ledger.record_variant(release.repo, release.sha, rep["variant_id"], o.repo_id, o.status,
                                                passed=rep["passed"], agreement=rep["agreement"],
                                                threshold=rep["threshold"], commit_sha=commit)
-            else:  # up to date: the Hub already has exactly this build
+            else:  # up to date (the Hub already has exactly this build), or failed before any report
                 for v in by_repo[o.repo_id].variants:
                     self.ledger.record_variant(release.repo, release.sha, v.id, o.repo_id, o.status,
                                                threshold=v.min_agreement, commit_sha=commit)

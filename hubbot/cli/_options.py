@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..hub import TIMEOUTS_HELP
 from ..publish import FolderTarget, HubTarget, Target, make_api, resolve_namespace
 from ._output import progress
 
@@ -21,7 +22,7 @@ recipe_option = click.option("--recipe", "-r", "recipe_name",
 family_option = click.option("--family", help="Family to use when SOURCE does not tell (e.g. a Hub id outside "
                                               "its watch patterns).")
 endpoint_option = click.option("--endpoint", envvar="HF_ENDPOINT",
-                               help="Hub endpoint. Default: HF_ENDPOINT or https://huggingface.co.")
+                               help="Hub endpoint. Default: HF_ENDPOINT or https://huggingface.co. " + TIMEOUTS_HELP)
 workdir_option = click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), callback=_make_dir,
                               help="Where intermediate files go (default: the system temp folder); needs room "
                                    "for the largest intermediate of a format (e.g. one F16 GGUF).")

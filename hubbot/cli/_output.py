@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .. import actions
 from ..errors import HubbotError
+from ..hub import transport_failure, unreachable
 from ..progress import RichSink, set_sink, wants_live_display
 from ..secrets import redact
 
@@ -60,10 +61,18 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except HubbotError as e:
-            err_console.print(f"[bold red]Error:[/bold red] {escape(redact(str(e)))}", markup=True, highlight=False)
-            sys.exit(e.exit_code)
+            _fail(e)
+        except Exception as e:
+            if transport_failure(e) is None:
+                raise
+            _fail(unreachable(e))  # a Hub call no command wrapped: still one line, never a traceback
 
     return wrapper
+
+
+def _fail(e: HubbotError) -> None:
+    err_console.print(f"[bold red]Error:[/bold red] {escape(redact(str(e)))}", markup=True, highlight=False)
+    sys.exit(e.exit_code)
 
 
 def echo(text: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import actions, preflight
-from ..errors import UsageError, ValidationFailed
+from ..errors import HubbotError, UsageError
 from ..pipeline import Publisher, RepoOutcome, prepare, select
 from ..publish import make_api
 from ._options import (
@@ -55,8 +55,13 @@ def publish(obj, source: str | None, recipe_name: str | None, family: str | None
     Before anything is downloaded, a preflight checks that each variant fits in the memory available
     and the run in the free disk (`hubbot plan` shows the estimates); it refuses with exit 2.
 
-    Exit codes: 0 published or up to date, 1 validation or publish failed, 2 bad input or too big
-    for this machine, 3 a format's extra is not installed.
+    A repo whose build, validation or push fails is reported in the table and the other repos go
+    on. Each commit is made on the commit hubbot read: when another commit lands first, hubbot
+    re-reads the repo and decides again. When a commit's answer is lost, hubbot checks the Hub and
+    says whether it landed.
+
+    Exit codes: 0 published or up to date, 1 a repo's build, validation or push failed (or the Hub
+    cannot be reached), 2 bad input or too big for this machine, 3 a format's extra is not installed.
     """
     if artifacts:
         if source:
@@ -91,7 +96,7 @@ def _from_artifacts(obj, folder: Path, target, force: bool) -> None:
 
 
 def _finish(outcomes: list[RepoOutcome]) -> None:
-    rows = [(o.repo_id, o.status, (o.push.pr_url or o.push.url) if o.push else o.message,
+    rows = [(o.repo_id, o.status, (o.push.pr_url or o.push.url) if o.push else o.summary,
              o.push.files if o.push else "", o.push.bytes if o.push else "") for o in outcomes]
     report("repos", REPO_COLUMNS, rows, summary_title="hubbot publish")
     actions.set_outputs(published=" ".join(o.repo_id for o in outcomes if o.status == "published"))
@@ -99,7 +104,8 @@ def _finish(outcomes: list[RepoOutcome]) -> None:
     for o in failed:
         actions.error(o.message, title=f"{o.repo_id} not published")
     if failed:
-        raise ValidationFailed(f"not published: {', '.join(o.repo_id for o in failed)}")
+        reasons = "; ".join(f"{o.repo_id}: {o.summary}" for o in failed)
+        raise HubbotError(f"{len(failed)} of {len(outcomes)} repo(s) not published — {reasons}")
 
 
 def verdict(report: dict) -> str:
