@@ -364,8 +364,8 @@ def check_hub_weights(api: Any, repo_id: str, commit: str, files: Iterable[str],
     try:
         meta = api.get_safetensors_metadata(repo_id, revision=commit)
     except NotASafetensorsRepoError:
-        raise UsageError(f"{where}: no model.safetensors or {INDEX_FILE} (other weight formats are not read)") \
-            from None
+        raise UsageError(f"{where}: no *.safetensors weights (neither model.safetensors nor {INDEX_FILE}; "
+                         f"other weight formats are not read)") from None
     except (SafetensorsParsingError, EntryNotFoundError) as e:
         raise UsageError(f"{where}: cannot read a safetensors header: {e}") from None
     tensors_by_file = {f: m.tensors for f, m in meta.files_metadata.items()}
