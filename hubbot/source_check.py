@@ -172,7 +172,7 @@ def _head_dim(c: Config) -> int:
     if c.get("head_dim"):
         return int(c["head_dim"])
     if c["hidden_size"] % c["num_attention_heads"]:
-        raise UsageError(f"config.json: hidden_size = {c['hidden_size']} is not a multiple of "
+        raise ValueError(f"hidden_size = {c['hidden_size']} is not a multiple of "
                          f"num_attention_heads = {c['num_attention_heads']} (and there is no head_dim)")
     return c["hidden_size"] // c["num_attention_heads"]
 
@@ -250,7 +250,10 @@ def _complete(layout: Layout, config: Config, where: str) -> dict[str, Any]:
         require(key)
     for key, default in layout.defaults.items():
         if c.get(key) is None:
-            c[key] = default(c)
+            try:
+                c[key] = default(c)
+            except ValueError as e:
+                raise UsageError(f"{where}/config.json: {e}") from None
         require(key)
     return c
 

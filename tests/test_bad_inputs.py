@@ -221,7 +221,8 @@ key_not_an_integer = config_case(
     {"hidden_size": "256"}, ["{folder}/config.json: 'hidden_size' must be a positive integer for Phi3ForCausalLM, "
                              "found '256'"])
 heads_do_not_divide = config_case(
-    {"num_attention_heads": 3}, ["hidden_size = 256 is not a multiple of num_attention_heads = 3"])
+    {"num_attention_heads": 3}, ["{folder}/config.json: hidden_size = 256 is not a multiple of "
+                                 "num_attention_heads = 3 (and there is no head_dim)"])
 
 
 # ------------------------------------------------------------------------------- tokenizer, chat template
