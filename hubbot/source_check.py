@@ -286,9 +286,12 @@ def _check_shape(layout: Layout, c: Config, name: str, dims: tuple[str, ...], te
     message = f"{where}/{tensor.file}: tensor '{name}' has shape {list(tensor.shape)}, config.json gives [{said}]"
     if len(tensor.shape) == len(want):
         d, w, f = next((d, w, f) for d, w, f in zip(dims, want, tensor.shape) if w != f)
-        values = ", ".join(f"{k} = {c[k]}" for k in layout.quantities[d].keys) if d in layout.quantities else ""
-        message += (f": {_text(layout, d)} is {w} in config.json{f' ({values})' if values else ''}, "
-                    f"{f} in the weights")
+        if d in layout.quantities:
+            values = ", ".join(f"{k} = {c[k]}" for k in layout.quantities[d].keys)
+            verb = "gives" if len(layout.quantities[d].keys) == 1 else "give"
+            message += f": config.json's {values} {verb} {w}, the weights have {f}"
+        else:
+            message += f": {d} is {w} in config.json, {f} in the weights"
     raise UsageError(message)
 
 
@@ -315,7 +318,7 @@ def check_tokenizer(folder: Path) -> None:
     except Exception as e:  # any failure to load is the source's fault; say which files and why
         files = ", ".join(f for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
                           if (folder / f).is_file())
-        reason = f"no key {e} where it is needed" if isinstance(e, KeyError) else \
+        reason = f"missing key {e}" if isinstance(e, KeyError) else \
             (str(e).strip().splitlines() or ["no message"])[0]
         raise UsageError(f"{folder}: the tokenizer ({files}) does not load with transformers' AutoTokenizer: "
                          f"{type(e).__name__}: {reason[:300]}") from None

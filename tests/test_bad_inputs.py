@@ -207,16 +207,16 @@ layers_mismatch = config_case(
     {"num_hidden_layers": 4}, ["{folder}: config.json says num_hidden_layers = 4, but the weights have 2 layers "
                                "(model.layers.0 … model.layers.1)"])
 heads_mismatch = config_case(
-    {"num_attention_heads": 8}, [QKV, "(num_attention_heads + 2 × num_key_value_heads) × head_dim is 512 in "
-                                 "config.json (num_attention_heads = 8, num_key_value_heads = 4, head_dim = 32), "
-                                 "768 in the weights"])
+    {"num_attention_heads": 8}, [QKV, "config.json gives [(num_attention_heads + 2 × num_key_value_heads) × "
+                                 "head_dim = 512, hidden_size = 256]: config.json's num_attention_heads = 8, "
+                                 "num_key_value_heads = 4, head_dim = 32 give 512, the weights have 768"])
 kv_heads_mismatch = config_case(
-    {"num_key_value_heads": 1}, [QKV, "is 384 in config.json (num_attention_heads = 4, num_key_value_heads = 1, "
-                                 "head_dim = 64), 768 in the weights"])
+    {"num_key_value_heads": 1}, [QKV, "config.json's num_attention_heads = 4, num_key_value_heads = 1, "
+                                 "head_dim = 64 give 384, the weights have 768"])
 intermediate_mismatch = config_case(
     {"intermediate_size": 1024}, ["tensor 'model.layers.0.mlp.gate_up_proj.weight' has shape [1536, 256]",
-                                  "2 × intermediate_size is 2048 in config.json (intermediate_size = 1024), "
-                                  "1536 in the weights"])
+                                  "config.json gives [2 × intermediate_size = 2048, hidden_size = 256]: "
+                                  "config.json's intermediate_size = 1024 gives 2048, the weights have 1536"])
 key_not_an_integer = config_case(
     {"hidden_size": "256"}, ["{folder}/config.json: 'hidden_size' must be a positive integer for Phi3ForCausalLM, "
                              "found '256'"])
@@ -236,7 +236,7 @@ def tokenizer_does_not_load(tmp):
     folder = copy_model(tmp)
     (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "Nope"}}))
     return publish(folder), [f"{folder}: the tokenizer (tokenizer.json, tokenizer.model, tokenizer_config.json) "
-                             "does not load with transformers' AutoTokenizer"]
+                             "does not load with transformers' AutoTokenizer:"]
 
 
 def tokenizer_config_not_json(tmp):
