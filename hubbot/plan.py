@@ -11,9 +11,14 @@ from typing import Any
 from . import __version__
 from .backends import get_backend
 from .backends.support import architecture_unsupported, variant_unsupported
-from .errors import RecipeError
+from .errors import RecipeError, UsageError
 from .recipe import Family, Recipe, VariantSpec, stable_hash
-from .source import SourceRef, safetensors_tensors
+from .source import SourceRef, check_repo_id, safetensors_tensors
+
+HUB_FILE_LIMIT = 50 * 10**9  # the Hub refuses any single file over 50 GB
+# the file that holds a variant's weights, inside the variant's path ("": the path is the file); formats
+# absent here shard their weights (mlx-lm: 5 GiB files)
+WEIGHTS_FILE = {"gguf": "", "onnx": "model.onnx.data", "openvino": "openvino_model.bin"}
 
 
 @dataclass(frozen=True)
@@ -96,17 +101,29 @@ class Plan:
             return None
         return int(self.parameters * variant.bits_per_weight / 8)
 
+    def over_hub_file_limit(self, variant_ids: set[str] | None = None) -> list[tuple[Variant, str, int]]:
+        """Variants whose largest file (path, estimated bytes) the Hub would refuse; the estimate is
+        the whole variant's size, as GGUF, ONNX and OpenVINO keep the weights in one file."""
+        over = []
+        for v in self.variants:
+            size = self.estimated_bytes(v)
+            if (variant_ids is None or v.id in variant_ids) and v.format in WEIGHTS_FILE and size \
+                    and size > HUB_FILE_LIMIT:
+                over.append((v, "/".join(p for p in (v.path, WEIGHTS_FILE[v.format]) if p), size))
+        return over
+
     def to_json(self, namespace: str, estimates: dict[str, dict[str, Any]] | None = None, **extra: Any) -> str:
         """``estimates``: more fields per variant id (the preflight's); ``extra``: more top-level fields."""
         estimates = estimates or {}
+        over = {v.id for v, _, _ in self.over_hub_file_limit()}
         return json.dumps({
             "source": self.source.display,
             "family": self.source.family.name,
             "recipe": self.recipe.name,
             "repos": [{
                 "repo_id": r.repo_id(namespace), "format": r.format, "recipe_hash": self.recipe_hash(r),
-                "variants": [{**v.to_dict(), "estimated_bytes": self.estimated_bytes(v), **estimates.get(v.id, {})}
-                             for v in r.variants],
+                "variants": [{**v.to_dict(), "estimated_bytes": self.estimated_bytes(v),
+                              "over_hub_file_limit": v.id in over, **estimates.get(v.id, {})} for v in r.variants],
             } for r in self.repos],
             "architecture": self.architecture,
             "dropped": [d.to_dict() for d in self.dropped],
@@ -156,6 +173,8 @@ def make_plan(source: SourceRef, recipe: Recipe, parameters: int | None = None,
     seen: set[str] = set()
     for spec in recipe.variants:
         repo_name, variant = make_variant(spec, source.family, source.model_name)
+        if repo_name not in repos:
+            _check_repo_name(repo_name, source.family, spec.format, source.model_name)
         if variant.id in seen:
             continue  # the same variant named twice (e.g. int4 and Q4_K_M) is built once
         seen.add(variant.id)
@@ -171,6 +190,24 @@ def make_plan(source: SourceRef, recipe: Recipe, parameters: int | None = None,
                               f"{repo_name}/{variant.path}; make the templates tell them apart")
         repo.variants.append(variant)
     return Plan(source, recipe, list(repos.values()), parameters, architecture, dropped)
+
+
+def _check_repo_name(name: str, family: Family, fmt: str, model_name: str) -> None:
+    template = _naming(family, fmt)["repo"]
+    try:
+        check_repo_id(name, "repo name")
+    except UsageError as e:
+        raise UsageError(f"{e} (naming.{fmt}.repo '{template}' of {family.path}, model name '{model_name}')") from None
+
+
+def hub_file_limit_message(plan: Plan, over: list[tuple[Variant, str, int]]) -> str:
+    from .card import human_size
+
+    files = "; ".join(f"{v.id} would be one ~{human_size(size)} file ({path})" for v, path, size in over)
+    return (f"{plan.source.public_name} (recipe '{plan.recipe.name}'): {files}, over the Hub's "
+            f"{human_size(HUB_FILE_LIMIT)} per-file limit, so the Hub would refuse the upload. Drop "
+            f"{'it' if len(over) == 1 else 'them'} from the recipe (or pick a recipe without "
+            f"{'it' if len(over) == 1 else 'them'}); `hubbot publish --out DIR` still builds it into a folder")
 
 
 def count_parameters(model_dir: Path) -> int | None:

@@ -29,7 +29,7 @@ from .backends import costs
 from .backends.costs import DTYPE_BYTES, ToolCost
 from .card import human_size
 from .errors import UsageError
-from .plan import Plan, Variant, make_plan, parameters_by_dtype
+from .plan import Plan, Variant, hub_file_limit_message, make_plan, parameters_by_dtype
 from .recipe import Recipe
 from .source import SourceRef, read_config
 
@@ -367,8 +367,12 @@ def _needs(e: Estimate) -> str:
 
 # ------------------------------------------------------------------------------- the source's size
 def source_size(ref: SourceRef, api: Any = None) -> SourceSize:
-    """Parameter count and dtype from safetensors headers, without downloading any weights."""
+    """Parameter count and dtype from safetensors headers, without downloading any weights. A local
+    folder is checked first (``source_check``: headers, file sizes, shapes against config.json)."""
     if ref.is_local:
+        from .source_check import check_folder
+
+        check_folder(ref.path, ref.family, tokenizer=False)
         size = SourceSize.from_counts(parameters_by_dtype(ref.path))
         if size is None:
             raise SizeUnknown(f"{ref.path} has no *.safetensors weights")
@@ -392,11 +396,12 @@ def source_size(ref: SourceRef, api: Any = None) -> SourceSize:
 
 def check_source(ref: SourceRef, recipe: Recipe, api: Any, *, variant_ids: Iterable[str] | None = None,
                  workdir: Path | None = None, out_dir: Path | None = None, staged: bool = True,
-                 reference: bool = True, log: Log = print) -> RunEstimate | None:
-    """The preflight of ``hubbot publish`` and ``hubbot build``: size the source from its headers,
-    then ``check``. A source whose size cannot be read is not refused here (the download says why)."""
+                 reference: bool = True, log: Log = print, size: SourceSize | None = None) -> RunEstimate | None:
+    """The preflight of ``hubbot publish`` and ``hubbot build``: size the source from its headers
+    (unless ``size`` is given), then ``check``. A source whose size cannot be read is not refused here
+    (the download says why)."""
     try:
-        size = source_size(ref, api)
+        size = size or source_size(ref, api)
     except SizeUnknown as e:
         log(f"preflight skipped: {e}")
         return None
@@ -407,6 +412,26 @@ def check_source(ref: SourceRef, recipe: Recipe, api: Any, *, variant_ids: Itera
     log(f"preflight: {human_count(size.parameters)} parameters ({size.dtype}); peak RAM "
         f"~{human_size(run.peak_ram_bytes)} of {human_size(memory)} available, disk ~{human_size(run.disk_bytes)}")
     return run
+
+
+def check_hub_file_limit(ref: SourceRef, recipe: Recipe, api: Any, *, variant_ids: Iterable[str] | None = None,
+                         refuse: bool = True, log: Log = print) -> SourceSize | None:
+    """Refuse (exit 2), before anything is downloaded or built, variants whose one weights file would be
+    over the Hub's per-file limit; ``refuse`` False (a folder target, which has no limit) only says so.
+    Not part of the memory/disk preflight: ``--no-preflight`` does not skip it. Returns the source's
+    size for ``check_source`` (None when it cannot be read)."""
+    try:
+        size = source_size(ref, api)
+    except SizeUnknown as e:
+        log(f"the Hub's per-file limit is not checked before the build: {e}")
+        return None
+    plan = make_plan(ref, recipe, size.parameters)
+    over = plan.over_hub_file_limit(set(variant_ids) if variant_ids is not None else None)
+    if over and refuse:
+        raise UsageError(hub_file_limit_message(plan, over))
+    if over:
+        log(f"note: {hub_file_limit_message(plan, over)}")
+    return size
 
 
 def human_count(n: int) -> str:

@@ -21,7 +21,9 @@ from .recipe import Family
 
 SNAPSHOT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model",
                      "*.jinja", "*.txt", "*.py", "README.md", "LICENSE*"]
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # what looks like a repo id; validate_repo_id decides
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ def resolve(spec: str, families: dict[str, Family], family: str | None = None) -
         if fam is None:
             raise UsageError(f"'{repo_id}' matches no family's models or watch patterns; "
                              f"pass --family ({', '.join(families)})")
+        check_repo_id(repo_id, "source")
         m = fam.model_for_repo(repo_id)
         return SourceRef(spec, fam, repo_id.split("/")[1], repo_id=repo_id,
                          revision=revision or None, license=m.license if m else None)
@@ -122,14 +125,63 @@ def config_dtype(config: dict[str, Any]) -> str | None:
     return str(value) if value else None
 
 
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A safetensors file's JSON header: what each tensor is and where its bytes lie after the header."""
+
+    path: Path
+    header_bytes: int  # the JSON's length, after the 8-byte length prefix
+    tensors: dict[str, dict[str, Any]]  # name -> {"dtype", "shape", "data_offsets"}
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_bytes
+
+    @property
+    def data_bytes(self) -> int:
+        """How many bytes of tensor data the header describes."""
+        return max((t["data_offsets"][1] for t in self.tensors.values()), default=0)
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """Parse one file's header (never its tensor data); UsageError naming the file and what is wrong."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise UsageError(f"{path}: not a safetensors file: {size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise UsageError(f"{path}: not a safetensors file (or cut off in its header): the header length says "
+                             f"{n} bytes, the file has {size - 8} after the length")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise UsageError(f"{path}: safetensors header must be a JSON object, found {type(header).__name__}")
+    tensors = {name: _tensor_entry(path, name, meta) for name, meta in header.items() if name != "__metadata__"}
+    return SafetensorsHeader(path, n, tensors)
+
+
+def _tensor_entry(path: Path, name: str, meta: Any) -> dict[str, Any]:
+    def is_ints(value: Any, length: int | None = None) -> bool:
+        return (isinstance(value, list) and (length is None or len(value) == length)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value))
+
+    if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str) or not is_ints(meta.get("shape")) \
+            or not is_ints(meta.get("data_offsets"), 2) or meta["data_offsets"][0] > meta["data_offsets"][1]:
+        raise UsageError(f"{path}: tensor '{name}': header entry must be {{dtype: str, shape: [int, ...], "
+                         f"data_offsets: [start, end]}}, found {json.dumps(meta)[:200]}")
+    return meta
+
+
 def safetensors_tensors(folder: Path) -> Iterator[dict[str, Any]]:
     """The header entry (dtype, shape, data_offsets) of every tensor in the folder's *.safetensors files;
     no tensor data is read."""
     for f in sorted(Path(folder).glob("*.safetensors")):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        yield from (meta for name, meta in header.items() if name != "__metadata__")
+        yield from read_safetensors_header(f).tensors.values()
 
 
 def chat_template(model_dir: Path) -> str | None:
@@ -138,17 +190,24 @@ def chat_template(model_dir: Path) -> str | None:
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
     config = model_dir / "tokenizer_config.json"
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{config}: not valid JSON ({e})") from None
+    template = template.get("chat_template") if isinstance(template, dict) else None
     return template if isinstance(template, str) else None
 
 
-def check_model_folder(path: Path) -> None:
-    """The files every backend needs: config, safetensors weights, a tokenizer."""
-    read_config(path)
-    if not list(path.glob("*.safetensors")):
-        raise UsageError(f"{path}: no *.safetensors weights (other weight formats are not read)")
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise UsageError(f"{path}: no tokenizer (tokenizer.json or tokenizer.model)")
+def check_repo_id(repo_id: str, what: str) -> None:
+    """UsageError unless the Hub accepts ``repo_id`` (huggingface_hub's own validator)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UsageError(f"{what} '{repo_id}' is not a valid Hub repo id: {e}") from None
 
 
 def _folder_digest(path: Path) -> str:
@@ -174,8 +233,12 @@ def _card_data(path: Path) -> dict[str, Any]:
 
 
 def fetch(ref: SourceRef, api: Any = None, cache_dir: Path | None = None) -> Snapshot:
-    """Pin and download a Hub source, or read a local one."""
+    """Pin and download a Hub source, or read a local one; either is checked (``hubbot.source_check``)
+    before anything is built, a Hub source's headers and config also before its weights are downloaded."""
+    from . import source_check
+
     if ref.is_local:
+        source_check.check_folder(ref.path, ref.family)  # before hashing every byte of it
         path, commit = ref.path, "local:" + _folder_digest(ref.path)[:16]
     else:
         from huggingface_hub.errors import (
@@ -193,6 +256,8 @@ def fetch(ref: SourceRef, api: Any = None, cache_dir: Path | None = None) -> Sna
                 commit = info.sha
                 # HF_HUB_CACHE is read when huggingface_hub is imported; honour a later change too
                 cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")
+                source_check.check_hub_weights(api, ref.repo_id, commit, (f.rfilename for f in info.siblings or []),
+                                               f"{ref.repo_id}@{commit[:12]}", cache_dir)
                 path = Path(api.snapshot_download(ref.repo_id, revision=commit, allow_patterns=SNAPSHOT_PATTERNS,
                                                   cache_dir=cache_dir))
             except RepositoryNotFoundError:
@@ -210,7 +275,7 @@ def fetch(ref: SourceRef, api: Any = None, cache_dir: Path | None = None) -> Sna
                     raise HubbotError(f"cannot read source '{ref.repo_id}' from {api.endpoint}: the Hub answered "
                                       f"HTTP {status}; try again later") from None
                 raise UsageError(f"cannot read source '{ref.repo_id}': {error}") from None
-    check_model_folder(path)
+        source_check.check_folder(path, ref.family)
     card = _card_data(path)
     license_ = card.get("license") or ref.license
     return Snapshot(ref, path, commit, read_config(path), license_, card)

@@ -36,8 +36,24 @@ create_pr_option = click.option("--pr", "create_pr", is_flag=True,
                                 help="Open a pull request instead of pushing to main when the repo exists.")
 
 
+def valid_namespace(ctx, param, value: str | None) -> str | None:
+    """``--namespace`` must be a name the Hub accepts (its own validator), checked before anything runs."""
+    if value is None or value == param.default:
+        return value
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if "/" in value:
+            raise HFValidationError("a user or org name has no '/'")
+        validate_repo_id(value)
+    except HFValidationError as e:
+        raise click.BadParameter(f"'{value}' is not a valid Hub user or org name: {e}") from None
+    return value
+
+
 def namespace_option(default: str = "the token's user"):
-    return click.option("--namespace", help=f"Hub user or org to publish under. Default: {default}.")
+    return click.option("--namespace", callback=valid_namespace,
+                        help=f"Hub user or org to publish under. Default: {default}.")
 
 
 def make_target(out_dir: Path | None, namespace: str | None, endpoint: str | None, create_pr: bool = False) -> Target:

@@ -9,10 +9,10 @@ import click
 from .. import actions, preflight, runners
 from ..card import human_size
 from ..errors import UnsupportedSource
-from ..plan import make_plan
+from ..plan import hub_file_limit_message, make_plan
 from ..publish import make_api
 from ..source import read_config, resolve
-from ._options import endpoint_option, family_option, recipe_option
+from ._options import endpoint_option, family_option, recipe_option, valid_namespace
 from ._output import echo, handle_errors, progress, table
 
 
@@ -20,7 +20,8 @@ from ._output import echo, handle_errors, progress, table
 @click.argument("source")
 @recipe_option
 @family_option
-@click.option("--namespace", default="{namespace}", show_default=True, help="Hub namespace for the repo ids shown.")
+@click.option("--namespace", default="{namespace}", show_default=True, callback=valid_namespace,
+              help="Hub namespace for the repo ids shown.")
 @endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @click.option("--github-matrix", "as_matrix", is_flag=True,
@@ -44,6 +45,8 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
     size = _source_size(ref, endpoint)
     the_plan = make_plan(ref, recipe, size.parameters if size else None, _local_config(ref))
     estimates = preflight.estimate(the_plan, size.parameters, size.dtype) if size else {}
+    if over := the_plan.over_hub_file_limit():
+        progress(f"note: {hub_file_limit_message(the_plan, over)}")
     if as_json:
         echo(_plan_json(the_plan, namespace, size, estimates))
         return

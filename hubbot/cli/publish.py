@@ -71,8 +71,9 @@ def publish(obj, source: str | None, recipe_name: str | None, family: str | None
         raise UsageError("missing SOURCE (a family alias, a Hub repo id or a local folder), or --from-artifacts DIR")
     ref, recipe = select(source, recipe_name, obj.families(), family)
     api = make_api(endpoint)
+    size = preflight.check_hub_file_limit(ref, recipe, api, refuse=out_dir is None, log=progress)
     if not skip_preflight:
-        preflight.check_source(ref, recipe, api, workdir=workdir, out_dir=out_dir, log=progress)
+        preflight.check_source(ref, recipe, api, workdir=workdir, out_dir=out_dir, log=progress, size=size)
     target = make_target(out_dir, namespace, endpoint, create_pr)
     the_plan, snapshot = prepare(ref, recipe, api)
     progress(f"source {snapshot.ref.display} at {snapshot.commit}; recipe '{the_plan.recipe.name}': "
