@@ -101,29 +101,17 @@ class Plan:
             return None
         return int(self.parameters * variant.bits_per_weight / 8)
 
-    def over_hub_file_limit(self, variant_ids: set[str] | None = None) -> list[tuple[Variant, str, int]]:
-        """Variants whose largest file (path, estimated bytes) the Hub would refuse; the estimate is
-        the whole variant's size, as GGUF, ONNX and OpenVINO keep the weights in one file."""
-        over = []
-        for v in self.variants:
-            size = self.estimated_bytes(v)
-            if (variant_ids is None or v.id in variant_ids) and v.format in WEIGHTS_FILE and size \
-                    and size > HUB_FILE_LIMIT:
-                over.append((v, "/".join(p for p in (v.path, WEIGHTS_FILE[v.format]) if p), size))
-        return over
-
     def to_json(self, namespace: str, estimates: dict[str, dict[str, Any]] | None = None, **extra: Any) -> str:
         """``estimates``: more fields per variant id (the preflight's); ``extra``: more top-level fields."""
         estimates = estimates or {}
-        over = {v.id for v, _, _ in self.over_hub_file_limit()}
         return json.dumps({
             "source": self.source.display,
             "family": self.source.family.name,
             "recipe": self.recipe.name,
             "repos": [{
                 "repo_id": r.repo_id(namespace), "format": r.format, "recipe_hash": self.recipe_hash(r),
-                "variants": [{**v.to_dict(), "estimated_bytes": self.estimated_bytes(v),
-                              "over_hub_file_limit": v.id in over, **estimates.get(v.id, {})} for v in r.variants],
+                "variants": [{**v.to_dict(), "estimated_bytes": self.estimated_bytes(v), **estimates.get(v.id, {})}
+                             for v in r.variants],
             } for r in self.repos],
             "architecture": self.architecture,
             "dropped": [d.to_dict() for d in self.dropped],
@@ -166,7 +154,8 @@ def source_architecture(source: SourceRef, config: dict[str, Any] | None = None)
 def make_plan(source: SourceRef, recipe: Recipe, parameters: int | None = None,
               config: dict[str, Any] | None = None) -> Plan:
     """The repos and variants of ``recipe`` for ``source``; variants its architecture's tools cannot
-    build (``hubbot.backends.support``) are dropped with the reason."""
+    build (``hubbot.backends.support``), and, once ``parameters`` is known, variants whose weights
+    file the Hub would refuse, are dropped with the reason."""
     architecture = source_architecture(source, config)
     repos: dict[str, RepoPlan] = {}
     dropped: list[Dropped] = []
@@ -178,7 +167,8 @@ def make_plan(source: SourceRef, recipe: Recipe, parameters: int | None = None,
         if variant.id in seen:
             continue  # the same variant named twice (e.g. int4 and Q4_K_M) is built once
         seen.add(variant.id)
-        reason = variant_unsupported(architecture, variant.format, variant.target, variant.precision_class, config)
+        reason = (variant_unsupported(architecture, variant.format, variant.target, variant.precision_class, config)
+                  or over_hub_file_limit(variant, parameters))
         if reason:
             dropped.append(Dropped(variant.id, variant.format, repo_name, reason))
             continue
@@ -200,14 +190,19 @@ def _check_repo_name(name: str, family: Family, fmt: str, model_name: str) -> No
         raise UsageError(f"{e} (naming.{fmt}.repo '{template}' of {family.path}, model name '{model_name}')") from None
 
 
-def hub_file_limit_message(plan: Plan, over: list[tuple[Variant, str, int]]) -> str:
+def over_hub_file_limit(variant: Variant, parameters: int | None) -> str | None:
+    """Why the Hub would refuse this variant's weights file (GGUF, ONNX and OpenVINO keep a variant's
+    weights in one file of about the whole variant's size), or None."""
     from .card import human_size
 
-    files = "; ".join(f"{v.id} would be one ~{human_size(size)} file ({path})" for v, path, size in over)
-    return (f"{plan.source.public_name} (recipe '{plan.recipe.name}'): {files}, over the Hub's "
-            f"{human_size(HUB_FILE_LIMIT)} per-file limit, so the Hub would refuse the upload. Drop "
-            f"{'it' if len(over) == 1 else 'them'} from the recipe (or pick a recipe without "
-            f"{'it' if len(over) == 1 else 'them'}); `hubbot publish --out DIR` still builds it into a folder")
+    if variant.format not in WEIGHTS_FILE or not parameters:
+        return None
+    size = int(parameters * variant.bits_per_weight / 8)
+    if size <= HUB_FILE_LIMIT:
+        return None
+    path = "/".join(p for p in (variant.path, WEIGHTS_FILE[variant.format]) if p)
+    return (f"its weights would be one ~{human_size(size)} file ({path}), over the Hub's "
+            f"{human_size(HUB_FILE_LIMIT)} per-file limit")
 
 
 def count_parameters(model_dir: Path) -> int | None:

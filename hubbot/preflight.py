@@ -29,7 +29,7 @@ from .backends import costs
 from .backends.costs import DTYPE_BYTES, ToolCost
 from .card import human_size
 from .errors import UsageError
-from .plan import Plan, Variant, hub_file_limit_message, make_plan, parameters_by_dtype
+from .plan import Plan, Variant, make_plan, parameters_by_dtype
 from .recipe import Recipe
 from .source import SourceRef, read_config
 
@@ -414,23 +414,22 @@ def check_source(ref: SourceRef, recipe: Recipe, api: Any, *, variant_ids: Itera
     return run
 
 
-def check_hub_file_limit(ref: SourceRef, recipe: Recipe, api: Any, *, variant_ids: Iterable[str] | None = None,
-                         refuse: bool = True, log: Log = print) -> SourceSize | None:
-    """Refuse (exit 2), before anything is downloaded or built, variants whose one weights file would be
-    over the Hub's per-file limit; ``refuse`` False (a folder target, which has no limit) only says so.
-    Not part of the memory/disk preflight: ``--no-preflight`` does not skip it. Returns the source's
-    size for ``check_source`` (None when it cannot be read)."""
+def check_dropped(ref: SourceRef, recipe: Recipe, api: Any, *, variant_ids: Iterable[str] | None = None,
+                  log: Log = print) -> SourceSize | None:
+    """Size the source and refuse (exit 2), before anything is downloaded or built, a named variant
+    the sized plan drops (e.g. its weights file would be over the Hub's per-file limit). Not part
+    of the memory/disk preflight: ``--no-preflight`` does not skip it. Returns the source's size for
+    ``check_source`` (None when it cannot be read)."""
     try:
         size = source_size(ref, api)
     except SizeUnknown as e:
-        log(f"the Hub's per-file limit is not checked before the build: {e}")
+        log(f"the source's size is unknown before the download: {e}")
         return None
-    plan = make_plan(ref, recipe, size.parameters)
-    over = plan.over_hub_file_limit(set(variant_ids) if variant_ids is not None else None)
-    if over and refuse:
-        raise UsageError(hub_file_limit_message(plan, over))
-    if over:
-        log(f"note: {hub_file_limit_message(plan, over)}")
+    plan = make_plan(ref, recipe, size.parameters, read_config(ref.path) if ref.is_local else None)
+    wanted = set(variant_ids) if variant_ids is not None else set()
+    for d in plan.dropped:
+        if d.id in wanted:
+            raise UsageError(f"{d.id} cannot be built for {ref.public_name}: {d.reason}")
     return size
 
 

@@ -308,13 +308,8 @@ def recipes_with_f32(tmp: Path) -> Path:
     return recipes
 
 
-OVER_LIMIT = ["phi4-shaped (recipe 'f32'): gguf-F32 would be one ~58.6 GB file (phi4-shaped-F32.gguf), over "
-              "the Hub's 50.0 GB per-file limit", "Drop it from the recipe"]
-
-
-def over_limit_publish(tmp):
-    return ["--recipes-dir", str(recipes_with_f32(tmp)), "publish", str(phi4_shaped(tmp)), "--recipe", "f32"], \
-        OVER_LIMIT
+OVER_LIMIT = ["gguf-F32 cannot be built for phi4-shaped: its weights would be one ~58.6 GB file "
+              "(phi4-shaped-F32.gguf), over the Hub's 50.0 GB per-file limit"]
 
 
 def over_limit_build(tmp):
@@ -354,8 +349,8 @@ LOCAL_CASES = {name: Case(make) for name, make in {
     "tokenizer-config-not-json": tokenizer_config_not_json, "no-chat-template-with-chat-prompts": no_chat_template,
     "bad-namespace-with-out": bad_namespace_out, "bad-namespace-hub-target": bad_namespace_hub,
     "namespace-with-slash": namespace_with_slash, "bad-source-repo-id": bad_source_repo_id,
-    "bad-repo-name-from-folder": bad_repo_name, "over-50GB-publish": over_limit_publish,
-    "over-50GB-build": over_limit_build, "plan-truncated-shard": plan_truncated,
+    "bad-repo-name-from-folder": bad_repo_name, "over-50GB-build": over_limit_build,
+    "plan-truncated-shard": plan_truncated,
     "build-hidden-size-mismatch": build_hidden_mismatch,
 }.items()}
 
@@ -448,15 +443,16 @@ def test_unknown_architectures_and_quantized_sources_are_not_shape_checked():
     assert not check_shapes({**phi3, "quantization_config": {"quant_method": "gptq"}}, tensors, "x")
 
 
-def test_plan_shows_the_over_limit_variant_and_publish_out_goes_on(tmp_path, monkeypatch):
+def test_a_variant_over_the_hub_file_limit_is_dropped_and_the_rest_goes_on(tmp_path, monkeypatch):
     recipes, folder = recipes_with_f32(tmp_path), phi4_shaped(tmp_path)
     plan = CliRunner().invoke(main, ["--recipes-dir", str(recipes), "plan", str(folder), "--recipe", "f32", "--json"])
     assert plan.exit_code == 0, plan.output
-    variants = {v["id"]: v for r in json.loads(plan.stdout)["repos"] for v in r["variants"]}
-    assert variants["gguf-F32"]["over_hub_file_limit"] and not variants["gguf-Q4_K_M"]["over_hub_file_limit"]
-    assert "note: " + OVER_LIMIT[0] in " ".join(plan.stderr.split())
-    machine(monkeypatch, "1GB")  # a folder has no per-file limit: the run goes on, to the memory preflight
+    data = json.loads(plan.stdout)
+    assert [v["id"] for r in data["repos"] for v in r["variants"]] == ["gguf-Q4_K_M"]
+    [dropped] = data["dropped"]
+    assert dropped["id"] == "gguf-F32" and OVER_LIMIT[0].split(": ", 1)[1] in dropped["reason"]
+    machine(monkeypatch, "1GB")  # the publish goes on without it, to the memory preflight of what is left
     out = CliRunner().invoke(main, ["--recipes-dir", str(recipes), "publish", str(folder), "--recipe", "f32",
                                     "--out", str(tmp_path / "out")])
     assert out.exit_code == 2 and "Error: preflight:" in out.output, out.output
-    assert "note: " + OVER_LIMIT[0] in " ".join(out.output.split())
+    assert "gguf-F32" not in out.output.split("Error: preflight:")[1]

@@ -134,7 +134,7 @@ def test_plan_drops_what_a_tool_cannot_build_and_says_why(tmp_path):
                   original_max_position_embeddings=4096)
     result = CliRunner().invoke(main, ["plan", str(moe), "--recipe", "edge"])
     assert result.exit_code == 0, result.output
-    assert "dropped: the tools cannot build these" in result.output
+    assert "dropped: not built, and why" in result.output
     assert "onnx-cpu-fp32" in result.output and "CUDA in int4 only" in result.output
     as_json = CliRunner().invoke(main, ["plan", str(moe), "--recipe", "edge", "--json"])
     plan = json.loads(as_json.stdout)

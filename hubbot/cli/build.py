@@ -44,7 +44,7 @@ def build(obj, source: str, variant_id: str, recipe_name: str | None, family: st
     api = make_api(endpoint)
     with actions.group(f"build {variant_id}"):
         ref, recipe = select(source, recipe_name, obj.families(), family)
-        size = preflight.check_hub_file_limit(ref, recipe, api, variant_ids=[variant_id], log=progress)
+        size = preflight.check_dropped(ref, recipe, api, variant_ids=[variant_id], log=progress)
         if not skip_preflight:
             preflight.check_source(ref, recipe, api, variant_ids=[variant_id], workdir=workdir, out_dir=out_dir,
                                    staged=False, reference=reference_file is None, log=progress, size=size)

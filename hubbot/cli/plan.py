@@ -9,7 +9,7 @@ import click
 from .. import actions, preflight, runners
 from ..card import human_size
 from ..errors import UnsupportedSource
-from ..plan import hub_file_limit_message, make_plan
+from ..plan import make_plan
 from ..publish import make_api
 from ..source import read_config, resolve
 from ._options import endpoint_option, family_option, recipe_option, valid_namespace
@@ -45,8 +45,6 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
     size = _source_size(ref, endpoint)
     the_plan = make_plan(ref, recipe, size.parameters if size else None, _local_config(ref))
     estimates = preflight.estimate(the_plan, size.parameters, size.dtype) if size else {}
-    if over := the_plan.over_hub_file_limit():
-        progress(f"note: {hub_file_limit_message(the_plan, over)}")
     if as_json:
         echo(_plan_json(the_plan, namespace, size, estimates))
         return
@@ -63,7 +61,7 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
                 *((human_size(estimates[v.id].peak_ram_bytes), human_size(estimates[v.id].disk_bytes))
                   if estimates else ("?", "?"))) for v in repo.variants])
     if the_plan.dropped:
-        table("dropped: the tools cannot build these for this architecture", ["variant", "repo", "reason"],
+        table("dropped: not built, and why", ["variant", "repo", "reason"],
               [(d.id, d.repo, d.reason) for d in the_plan.dropped])
     if size:
         echo(_machine_line(size, estimates))

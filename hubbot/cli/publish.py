@@ -71,7 +71,7 @@ def publish(obj, source: str | None, recipe_name: str | None, family: str | None
         raise UsageError("missing SOURCE (a family alias, a Hub repo id or a local folder), or --from-artifacts DIR")
     ref, recipe = select(source, recipe_name, obj.families(), family)
     api = make_api(endpoint)
-    size = preflight.check_hub_file_limit(ref, recipe, api, refuse=out_dir is None, log=progress)
+    size = preflight.check_dropped(ref, recipe, api, log=progress)
     if not skip_preflight:
         preflight.check_source(ref, recipe, api, workdir=workdir, out_dir=out_dir, log=progress, size=size)
     target = make_target(out_dir, namespace, endpoint, create_pr)
@@ -83,7 +83,7 @@ def publish(obj, source: str | None, recipe_name: str | None, family: str | None
           [(o.repo_id, r["variant_id"], "—" if r["agreement"] is None else f"{r['agreement']:.3f}",
             f"{r['threshold']:.2f}", verdict(r)) for o in outcomes for r in o.reports])
     if the_plan.dropped:
-        report("dropped: the tools cannot build these for this architecture", ["variant", "repo", "reason"],
+        report("dropped: not built, and why", ["variant", "repo", "reason"],
                [(d.id, d.repo, d.reason) for d in the_plan.dropped], summary_title="hubbot publish: dropped")
     _finish(outcomes)
 
