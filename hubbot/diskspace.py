@@ -46,20 +46,9 @@ class Watched:
     free_at_start: int
 
 
-def _existing(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def same_disk(a: Path, b: Path) -> bool:
-    return os.stat(_existing(a)).st_dev == os.stat(_existing(b)).st_dev
-
-
 def free_bytes(path: Path) -> int:
     """What the disk really has (``HUBBOT_FREE_DISK`` tells the preflight otherwise, not this)."""
-    return shutil.disk_usage(_existing(path)).free
+    return shutil.disk_usage(preflight.existing_parent(path)).free
 
 
 def watched_folders(plan: Plan, snapshot: Snapshot, workdir: Path | None, out_dir: Path | None) -> list[Watched]:
@@ -73,7 +62,7 @@ def watched_folders(plan: Plan, snapshot: Snapshot, workdir: Path | None, out_di
         if size else []
     watched = []
     for what, path, option in folders:
-        on_disk = [n.bytes for n in needs if same_disk(n.path, path)]
+        on_disk = [n.bytes for n in needs if preflight.same_disk(n.path, path)]
         watched.append(Watched(what, path, option, sum(on_disk) if on_disk else None, free_bytes(path)))
     return watched
 
@@ -85,7 +74,7 @@ def no_space(error: BaseException, folders: list[Watched]) -> Watched | None:
         written = error.filename2 or error.filename  # copyfile names the destination second
         if written:
             path = Path(os.fsdecode(written))
-            return next((f for f in folders if same_disk(path, f.path)),
+            return next((f for f in folders if preflight.same_disk(path, f.path)),
                         Watched(f"{path.name}", path.parent, None, None, free_bytes(path.parent)))
         return next((f for f in folders if free_bytes(f.path) < NEARLY_FULL), work)
     if isinstance(error, BuildError):  # the tools write into the working files only

@@ -286,18 +286,19 @@ def free_disk(path: Path) -> int:
     """Free bytes on the disk that holds ``path`` (or would, once created)."""
     if os.environ.get(DISK_ENV):
         return parse_bytes(os.environ[DISK_ENV], DISK_ENV)
-    return shutil.disk_usage(_existing(path)).free
+    return shutil.disk_usage(existing_parent(path)).free
 
 
-def _existing(path: Path) -> Path:
+def existing_parent(path: Path) -> Path:
+    """``path``, or its nearest parent that exists (where a folder yet to be made will be)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
 
-def _same_disk(a: Path, b: Path) -> bool:
-    return os.stat(_existing(a)).st_dev == os.stat(_existing(b)).st_dev
+def same_disk(a: Path, b: Path) -> bool:
+    return os.stat(existing_parent(a)).st_dev == os.stat(existing_parent(b)).st_dev
 
 
 # ------------------------------------------------------------------------------- the check
@@ -319,7 +320,7 @@ def _short_disks(needs: list[DiskNeed]) -> list[tuple[list[DiskNeed], int]]:
     """Needs grouped by the disk they land on, with that disk's free bytes, where they exceed it."""
     groups: list[list[DiskNeed]] = []
     for need in (n for n in needs if n.bytes):
-        group = next((g for g in groups if _same_disk(g[0].path, need.path)), None)
+        group = next((g for g in groups if same_disk(g[0].path, need.path)), None)
         if group is None:
             groups.append([need])
         else:
