@@ -186,6 +186,16 @@ class HubTarget:
                     raise PublishError(f"{what} failed after {attempt} attempt(s): {type(e).__name__}; "
                                        f"nothing was committed") from None
                 delay = self._backoff(attempt)
+            except (OSError, RuntimeError, ValueError) as e:  # hf_xet's failures (Xet storage)
+                from .xet_errors import classify_xet_error, describe_xet_error
+
+                kind = classify_xet_error(e)
+                if kind == "not-xet":
+                    raise
+                if kind == "permanent" or attempt == self.retries:
+                    raise PublishError(f"{what} failed after {attempt} attempt(s): {describe_xet_error(e)}; "
+                                       f"nothing was committed") from None
+                delay = self._backoff(attempt)
             self.log(f"{what}: transient failure, retry {attempt}/{self.retries - 1} in {delay:.1f}s")
             self.sleep(delay)
         raise AssertionError("unreachable")

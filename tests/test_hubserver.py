@@ -1,4 +1,7 @@
-"""Drives tests/hubserver.FakeHub with the real huggingface_hub client (no mocks)."""
+"""Drives tests/hubserver.FakeHub with the real huggingface_hub client (no mocks).
+
+Tests that upload or download LFS files take the `transfer` fixture (conftest): they run once with
+the client uploading through Xet (its default, hf_xet installed) and once through LFS."""
 import hashlib
 import os
 import time
@@ -71,6 +74,10 @@ def puts(hub):
     return [r for r in hub.requests if r[0] == "PUT"]
 
 
+def cas_calls(hub, route: str):
+    return [r for r in hub.requests if r[1].startswith(f"/cas/v1/{route}")]
+
+
 def test_whoami_and_create_repo(hub, api):
     me = api.whoami()
     assert me["name"] == "alice" and [o["name"] for o in me["orgs"]] == ["phi-org"]
@@ -94,7 +101,7 @@ def test_whoami_and_create_repo(hub, api):
     assert not hub.repo_exists("alice/x") and hub.repo_exists("phi-org/y")
 
 
-def test_upload_folder_regular_and_lfs(hub, api, folder):
+def test_upload_folder_regular_and_lfs(hub, api, folder, transfer):
     d, files = folder
     api.create_repo("alice/m")
     hub.reset_counters()
@@ -102,8 +109,15 @@ def test_upload_folder_regular_and_lfs(hub, api, folder):
     assert info.oid == hub.commits("alice/m")[-1].oid
     assert hub.files("alice/m") == {".gitattributes": hub.files("alice/m")[".gitattributes"], **files}
     lfs = {"model.safetensors", "sub/blob.dat", "big.txt"}
-    assert len(puts(hub)) == len(lfs) and all(status == 200 for _, _, status in puts(hub))
-    assert hub.bytes_uploaded == sum(len(v) for v in files.values())
+    regular_bytes = sum(len(v) for k, v in files.items() if k not in lfs)
+    if transfer == "lfs":
+        assert len(puts(hub)) == len(lfs) and all(status == 200 for _, _, status in puts(hub))
+        assert hub.bytes_uploaded == sum(len(v) for v in files.values()) and hub.xet_files("alice/m") == {}
+    else:  # the LFS files went to the CAS as xorbs (big.txt compresses well), none through LFS
+        assert puts(hub) == [] and not [r for r in hub.requests if "/info/lfs/" in r[1]]
+        assert set(hub.xet_files("alice/m")) == lfs and cas_calls(hub, "shards")[-1][2] == 200
+        assert 0 < hub.cas.xorb_bytes_received < sum(len(files[p]) for p in lfs)
+        assert hub.bytes_uploaded == hub.cas.xorb_bytes_received + regular_bytes
     assert sorted(api.list_repo_files("alice/m")) == sorted([".gitattributes", *files])
     siblings = {s.rfilename: s for s in api.model_info("alice/m", files_metadata=True).siblings}
     for name, data in files.items():
@@ -117,13 +131,20 @@ def test_upload_folder_regular_and_lfs(hub, api, folder):
     assert "license:apache-2.0" in card.tags and "quantized" in card.tags and card.library_name == "transformers"
 
 
-def test_downloads_match_uploads(hub, api, folder, tmp_path):
+def test_downloads_match_uploads(hub, api, folder, tmp_path, transfer):
     d, files = folder
     api.create_repo("alice/m")
     sha = api.upload_folder(repo_id="alice/m", folder_path=d).oid
+    hub.reset_counters()
     for name in ("big.txt", "sub/notes.txt", "model.safetensors"):
         path = api.hf_hub_download("alice/m", name, cache_dir=tmp_path / "c1")
         assert open(path, "rb").read() == files[name]
+    body_gets = {p.rsplit("/", 1)[-1] for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p}
+    if transfer == "xet":  # LFS files came from the CAS (reconstruction + signed xorb ranges), not /resolve
+        assert body_gets == {"notes.txt"} and len(cas_calls(hub, "reconstructions")) == 2
+        assert hub.cas.xorb_bytes_served > 0
+    else:
+        assert body_gets == {"big.txt", "notes.txt", "model.safetensors"} and hub.cas.xorb_bytes_served == 0
     snap = api.snapshot_download("alice/m", cache_dir=tmp_path / "c2")
     assert snap.endswith(sha)
     for name, data in files.items():
@@ -141,21 +162,23 @@ def test_downloads_match_uploads(hub, api, folder, tmp_path):
     head = httpx.head(f"{hub.url}/alice/m/resolve/main/big.txt")
     assert head.headers["X-Linked-Size"] == str(BIG) and head.headers["X-Linked-Etag"].strip('"') == \
         hashlib.sha256(files["big.txt"]).hexdigest()
+    assert head.headers.get("X-Xet-Hash") == hub.xet_files("alice/m").get("big.txt")  # None through LFS
 
 
-def test_identical_second_upload_is_a_no_op(hub, api, folder):
+def test_identical_second_upload_is_a_no_op(hub, api, folder, transfer):
     d, _ = folder
     api.create_repo("alice/m")
     first = api.upload_folder(repo_id="alice/m", folder_path=d)
+    assert (hub.cas.xorbs_received > 0) == (transfer == "xet")
     hub.reset_counters()
     second = api.upload_folder(repo_id="alice/m", folder_path=d)
     assert second.oid == first.oid and len(hub.commits("alice/m")) == 2
-    assert hub.bytes_uploaded == 0 and puts(hub) == []
+    assert hub.bytes_uploaded == 0 and puts(hub) == [] and cas_calls(hub, "xorbs") == []
     assert not any("/commit/" in path for _, path, _ in hub.requests)
     assert ("GET", "/api/models/alice/m/revision/main", 200) in hub.requests
 
 
-def test_create_pr_then_merge(hub, api):
+def test_create_pr_then_merge(hub, api, transfer):
     api.create_repo("alice/m")
     api.upload_file(repo_id="alice/m", path_or_fileobj=b"v1", path_in_repo="a.txt")
     main_before = hub.files("alice/m")
@@ -176,11 +199,12 @@ def test_create_pr_then_merge(hub, api):
     api.merge_pull_request("alice/m", 1)
     assert hub.files("alice/m")["a.txt"] == b"v2" and hub.files("alice/m")["w.safetensors"] == b"\x00weights"
     assert hub.pull_requests("alice/m")[0].status == "merged"
+    assert ("w.safetensors" in hub.xet_files("alice/m")) == (transfer == "xet")
     assert api.get_discussion_details("alice/m", 1).merge_commit_oid == hub.commits("alice/m")[-1].oid
     assert hub.commits("alice/m")[-1].title == "Quantize (#1)"
 
 
-def test_failed_commit_leaves_repo_unchanged_and_retry_succeeds(hub, api, tmp_path):
+def test_failed_commit_leaves_repo_unchanged_and_retry_succeeds(hub, api, tmp_path, transfer):
     api.create_repo("alice/m")
     before = [c.oid for c in hub.commits("alice/m")]
     (tmp_path / "w.gguf").write_bytes(b"GGUF" + bytes(4096))
@@ -194,7 +218,8 @@ def test_failed_commit_leaves_repo_unchanged_and_retry_succeeds(hub, api, tmp_pa
     # retrying the same operations skips the LFS upload (already done) and lands everything
     info = api.create_commit("alice/m", ops, commit_message="Add gguf")
     assert hub.files("alice/m")["w.gguf"] == b"GGUF" + bytes(4096) and info.oid == hub.commits("alice/m")[-1].oid
-    assert len(puts(hub)) == 1
+    assert len(puts(hub)) == (1 if transfer == "lfs" else 0)
+    assert hub.cas.xorbs_received == (1 if transfer == "xet" else 0)
     # a commit failing on its last operation lands none of the earlier ones
     with pytest.raises(RemoteEntryNotFoundError):
         api.create_commit("alice/m", [CommitOperationAdd("new.txt", b"n"), CommitOperationDelete("missing.txt")],
