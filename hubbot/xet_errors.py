@@ -16,8 +16,14 @@ from typing import Literal
 
 XetErrorKind = Literal["transient", "permanent", "not-xet"]
 
-_CATEGORY = re.compile(r"(Network error|Rate limited|Server error|Timeout|Authentication error|Not found|"
-                       r"Data integrity error|Configuration error|I/O error|Internal error): ")
+# hf_xet's message prefix -> the Python exception it raises with it, and whether a retry may help
+_CATEGORIES: dict[str, tuple[type[BaseException], bool]] = {
+    "Network error": (ConnectionError, True), "Rate limited": (ConnectionError, True),
+    "Server error": (ConnectionError, True), "Timeout": (TimeoutError, True),
+    "Authentication error": (PermissionError, False), "Not found": (FileNotFoundError, False),
+    "Data integrity error": (RuntimeError, False), "Internal error": (RuntimeError, False),
+    "Configuration error": (ValueError, False), "I/O error": (OSError, False),
+}
 _HTTP_STATUS = re.compile(r"HTTP status (?:client|server) error \((\d{3})[^)]*\)")
 
 
@@ -25,15 +31,14 @@ def classify_xet_error(error: BaseException) -> XetErrorKind:
     """"transient" when retrying the upload may help (5xx, 429, timeouts, dropped connections),
     "permanent" when it cannot (4xx, refused credentials, corrupt data, bad configuration),
     "not-xet" for anything hf_xet did not raise."""
-    match = _CATEGORY.match(str(error))
-    if match is None or not isinstance(error, (OSError, RuntimeError, ValueError)):
+    category, _, _ = str(error).partition(": ")
+    expected = _CATEGORIES.get(category)
+    if expected is None or not isinstance(error, expected[0]):
         return "not-xet"
-    category, status = match[1], _HTTP_STATUS.search(str(error))
-    if category in ("Rate limited", "Server error", "Timeout"):
-        return "transient"
-    if category == "Network error":
-        return "permanent" if status and int(status[1]) not in (408, 429) else "transient"
-    return "permanent"
+    status = _HTTP_STATUS.search(str(error))
+    if category == "Network error" and status and int(status[1]) not in (408, 429):
+        return "permanent"  # an HTTP 4xx surfaces as a "network" error
+    return "transient" if expected[1] else "permanent"
 
 
 def describe_xet_error(error: BaseException) -> str:

@@ -304,6 +304,7 @@ class Req:
     body: bytes
     user: str | None
     headers: dict = field(default_factory=dict)
+    may_write: bool = False   # the token's role is "write"
 
     def q(self, key: str, default=None):
         return self.query.get(key, [default])[0]
@@ -611,7 +612,7 @@ class FakeHub:
             raise HubError(403, "Forbidden: this is a read-only token; you must use a token with the write role "
                                 "to do this")
         params = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
-        req = Req(method, path, params, parse_qs(qs, keep_blank_values=True), body, user, headers)
+        req = Req(method, path, params, parse_qs(qs, keep_blank_values=True), body, user, headers, may_write)
         with self._lock:
             return getattr(self, "_h_" + name)(req)
 
@@ -767,7 +768,8 @@ class FakeHub:
         return _json({"type": "user", "id": hashlib.sha1(user.encode()).hexdigest()[:24], "name": user,
                       "fullname": user, "email": f"{user}@example.com", "emailVerified": True, "isPro": False,
                       "canPay": False, "orgs": orgs,
-                      "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
+                      "auth": {"type": "access_token",
+                               "accessToken": {"displayName": "test", "role": "write" if req.may_write else "read"}}})
 
     def _h_create_repo(self, req: Req):
         user, body = self._require_user(req), req.json()
@@ -1273,6 +1275,7 @@ class FakeHub:
             repo = self.repos.get(repo_key(item_type, item_id or ""))
             if repo is None or (repo.private and not self._member(req.user, repo.namespace)):
                 raise HubError(404, f"{item_type} {item_id} not found", "RepoNotFound")
+            item_id = repo.id  # as the repo spells itself
         if any(i["id"] == item_id and i["type"] == item_type for i in c["items"]):
             raise HubError(409, "Item already in the collection")
         item = {"_id": secrets.token_hex(12), "id": item_id, "type": item_type, "position": len(c["items"])}

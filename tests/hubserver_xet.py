@@ -109,6 +109,7 @@ class LocalCAS:
         self._tokens: dict[str, XetToken] = {}
         self._signed: dict[str, SignedRange] = {}
         self._on_file_registered = on_file_registered  # (repo_key, record, data) -> None
+        self.shards: list[bytes] = []  # bodies of the shards accepted, for tests to inspect or replay
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -195,6 +196,7 @@ class LocalCAS:
                 raise CasError(400, f"shard's chunk hashes for xorb {info.hash} differ from those known")
         checked = [(record, self._verify_file(record)) for record in files]
         self.shard_bytes_received += len(body)
+        self.shards.append(body)
         registered = self.files.setdefault(token.repo_key, {})
         new = 0
         for record, data in checked:

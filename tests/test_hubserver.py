@@ -3,6 +3,7 @@
 Tests that upload or download LFS files take the `transfer` fixture (conftest): they run once with
 the client uploading through Xet (its default, hf_xet installed) and once through LFS."""
 import hashlib
+import json
 import os
 import time
 from datetime import datetime, timezone
@@ -23,6 +24,7 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from tests.hubserver import FakeHub
 
 ALICE, BOB = "hf_alice_token", "hf_bob_token"
+AUTH = {"Authorization": f"Bearer {ALICE}"}
 BIG = 10 * 1024 * 1024 + 17  # over the regular-file limit: LFS by size even though it is text
 
 
@@ -368,6 +370,94 @@ def test_branches_tags_history_and_tree(hub, api):
     api.delete_branch("alice/m", branch="dev")
     with pytest.raises(RevisionNotFoundError):
         api.model_info("alice/m", revision="dev")
+
+
+def test_lfs_objects_belong_to_the_repo_they_were_uploaded_to(hub, api, tmp_path, transfer):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(os.urandom(100_000))
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    for repo in ("alice/a", "alice/b", "alice/c"):
+        api.create_repo(repo)
+    api.upload_file(repo_id="alice/a", path_or_fileobj=weights, path_in_repo="w.safetensors")
+    hub.reset_counters()
+    api.upload_file(repo_id="alice/b", path_or_fileobj=weights, path_in_repo="w.safetensors")
+    assert hub.files("alice/b")["w.safetensors"] == weights.read_bytes()
+    if transfer == "lfs":  # b's batch asked for the object again, though a holds it
+        assert len(puts(hub)) == 1 and hub.bytes_uploaded == 100_000
+    else:  # Xet may spare the bytes (deduplication spans repos) but the file must be registered for b
+        assert hub.cas.files_registered == [(("model", "alice/b"), hub.xet_files("alice/b")["w.safetensors"])]
+
+    def batch(repo):
+        r = httpx.post(f"{hub.url}/{repo}.git/info/lfs/objects/batch", headers=AUTH,
+                       json={"operation": "upload", "objects": [{"oid": sha, "size": 100_000}]})
+        return r.json()["objects"][0]
+    assert "actions" not in batch("alice/a") and "actions" in batch("alice/c")
+    commit = [{"key": "header", "value": {"summary": "steal"}},
+              {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": sha, "size": 100_000}}]
+    r = httpx.post(f"{hub.url}/api/models/alice/c/commit/main", headers=AUTH,
+                   content="\n".join(json.dumps(line) for line in commit))
+    assert r.status_code == 422 and "w.safetensors" not in hub.files("alice/c")
+
+
+def test_read_only_token_reads_but_cannot_write(tmp_path):
+    with FakeHub(users={"alice": ALICE}, read_tokens={"alice": "hf_alice_read"}) as hub:
+        hub.seed_repo("alice/m", {"config.json": b"{}"})
+        ro = HfApi(endpoint=hub.url, token="hf_alice_read")
+        me = ro.whoami()
+        assert me["name"] == "alice" and me["auth"]["accessToken"]["role"] == "read"
+        assert ro.model_info("alice/m").id == "alice/m"
+        assert open(ro.hf_hub_download("alice/m", "config.json", cache_dir=tmp_path / "c"), "rb").read() == b"{}"
+        before = [c.oid for c in hub.commits("alice/m")]
+        writes = {"create_repo": lambda: ro.create_repo("alice/x"),
+                  "upload": lambda: ro.upload_file(repo_id="alice/m", path_or_fileobj=b"x", path_in_repo="x.txt"),
+                  "branch": lambda: ro.create_branch("alice/m", branch="dev"),
+                  "settings": lambda: ro.update_repo_settings("alice/m", private=True),
+                  "discussion": lambda: ro.create_discussion("alice/m", title="hi"),
+                  "delete": lambda: ro.delete_repo("alice/m")}
+        for name, write in writes.items():
+            with pytest.raises(HfHubHTTPError) as e:
+                write()
+            assert e.value.response.status_code == 403, name
+        read_auth = {"Authorization": "Bearer hf_alice_read"}
+        assert httpx.get(f"{hub.url}/api/models/alice/m/xet-write-token/main", headers=read_auth).status_code == 403
+        assert httpx.get(f"{hub.url}/api/models/alice/m/xet-read-token/main", headers=read_auth).status_code == 200
+        assert [c.oid for c in hub.commits("alice/m")] == before and not hub.repo_exists("alice/x")
+        assert HfApi(endpoint=hub.url, token=ALICE).create_repo("alice/x").repo_id == "alice/x"  # the write token may
+
+
+def test_repo_ids_are_case_insensitive(hub, api, tmp_path, transfer):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(os.urandom(50_000))
+    assert api.create_repo("alice/MixedCase").repo_id == "alice/MixedCase"
+    assert api.model_info("alice/mixedcase").id == "alice/MixedCase"  # found, and the casing kept
+    api.upload_file(repo_id="ALICE/MIXEDCASE", path_or_fileobj=weights, path_in_repo="w.safetensors")
+    assert hub.files("alice/mixedcase")["w.safetensors"] == weights.read_bytes()
+    assert hub.repo_id("Alice/MIXEDcase") == "alice/MixedCase" and api.repo_exists("alice/MIXEDCASE")
+    with pytest.raises(HfHubHTTPError) as e:
+        api.create_repo("alice/mixedCASE")
+    assert e.value.response.status_code == 409
+    assert api.create_repo("alice/mixedcase", exist_ok=True).repo_id == "alice/MixedCase"
+    path = api.hf_hub_download("Alice/MIXEDcase", "w.safetensors", cache_dir=tmp_path / "c")
+    assert open(path, "rb").read() == weights.read_bytes()
+
+
+def test_file_size_limit(tmp_path, transfer):
+    with FakeHub(users={"alice": ALICE}, max_file_size=100_000) as hub:
+        api = HfApi(endpoint=hub.url, token=ALICE)
+        api.create_repo("alice/m")
+        (tmp_path / "ok.bin").write_bytes(os.urandom(100_000))
+        (tmp_path / "big.bin").write_bytes(os.urandom(100_001))
+        api.upload_file(repo_id="alice/m", path_or_fileobj=tmp_path / "ok.bin", path_in_repo="ok.bin")
+        hub.reset_counters()
+        with pytest.raises(HfHubHTTPError) as e:
+            api.upload_file(repo_id="alice/m", path_or_fileobj=tmp_path / "big.bin", path_in_repo="big.bin")
+        assert e.value.response.status_code == 400 and "Maximum individual file size is 100000 bytes" in str(e.value)
+        assert hub.bytes_uploaded == 0 and "big.bin" not in hub.files("alice/m")
+        r = httpx.post(f"{hub.url}/alice/m.git/info/lfs/objects/batch", headers=AUTH,
+                       json={"operation": "upload", "objects": [{"oid": "0" * 64, "size": 10 ** 6}]})
+        assert r.json()["objects"][0]["error"]["code"] == 422
+    with FakeHub() as hub:
+        assert hub.max_file_size == 50 * 1000 ** 3 and "50.0GB" in hub._too_large(50 * 1000 ** 3 + 1)
 
 
 def test_seed_repo_revisions(hub, api, tmp_path):
