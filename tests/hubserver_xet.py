@@ -1,31 +1,35 @@
 """A local Xet CAS for the test Hub (tests/hubserver.py), served by the same HTTP server under ``/cas``.
 
-It speaks the CAS API that xet-core documents, as hf_xet 1.x calls it:
+It speaks the CAS API that xet-core documents, as hf_xet 1.8 calls it (checked by driving it):
 
-- ``POST /cas/v1/xorbs/default/{hash}`` (write token): the xorb is parsed (chunk headers, LZ4 / BG4-LZ4
-  decompression, xet-core's XETBLOB footer) and its hash recomputed from the chunk hashes it declares;
-  answers ``{"was_inserted": bool}``, 400 on a malformed or mismatching xorb.
+- ``POST /cas/v1/xorbs/default/{hash}`` (write token): the body is the chunks only (header + LZ4,
+  BG4-LZ4 or raw payload each, no footer on the wire); each chunk is decompressed and its size checked.
+  Answers ``{"was_inserted": bool}``, 400 on a malformed xorb. The upload carries no chunk hashes, so
+  the xorb hash is checked when a shard first describes the xorb (its CAS info): chunk sizes and
+  offsets must match and the declared chunk hashes must merkle-hash to the xorb's hash.
 - ``POST /cas/v1/shards`` (write token): every file info must carry verification entries and the
-  sha256 extension; each term must point into a stored xorb, its verification hash and unpacked size
-  must match, the file hash must be the merkle hash of its chunks, the reconstructed bytes must hash to
-  the declared sha256 and, recomputed by hf_xet itself, to the declared file hash. The files are then
-  registered for the repo the token was issued for (``{"result": 1}``, or 0 when nothing was new).
+  sha256 extension; each term must point into a described xorb, its verification hash and unpacked
+  size must match, the file hash must be the merkle hash of its chunks, and the reconstructed bytes
+  must hash to the declared sha256 and, recomputed by hf_xet itself (``hash_files``), to the declared
+  file hash: that ties the chunk hashes to the data without re-hashing chunks in Python. The files are
+  then registered for the repo the token was issued for (``{"result": 1}``, or 0 when nothing was new).
 - ``GET /cas/v1/reconstructions/{file}`` (read token of a repo holding the file; ``Range`` honoured,
-  416 past the end): terms and per-term ``fetch_info`` with short-lived signed URLs
-  ``/cas/fetch/{xorb}?sig=`` that serve exactly the signed byte range (``Range`` required, else 403).
-- ``GET /cas/v1/chunks/default-merkledb/{chunk}`` (global deduplication): a full shard (lookup tables,
-  footer, HMAC key zero) listing every stored xorb holding that chunk, across all repos as the spec
-  says; 404 when unknown.
-- ``/cas/v2/shards`` and ``/cas/v2/reconstructions/...`` answer 501, so the client uses v1 (it falls
-  back on 404/501 by design).
+  416 past the end): terms, and per xorb the merged chunk ranges as ``fetch_info`` with short-lived
+  signed URLs ``/cas/fetch/{xorb}?sig=`` that serve only within the signed byte range (``Range``
+  required, else 403).
+- ``GET /cas/v1/chunks/{default|default-merkledb}/{chunk}`` (global deduplication; hf_xet 1.8 sends
+  "default"): a full shard (lookup tables, footer, HMAC key zero) listing every described xorb that
+  holds the chunk, across all repos as the spec says; 404 when unknown.
+- ``/cas/v2/shards`` and ``/cas/v2/reconstructions/...`` answer 501, and hf_xet 1.8's undocumented
+  ``POST /cas/v1/xorb-grants/...`` answers 404: the client falls back to the v1 calls above by design.
 
-Not implemented: HMAC-protected dedup answers, the v2 NDJSON shard stream and multi-range fetches,
-token scopes finer than repo + read/write, and re-hashing every chunk's data in Python (content is
-checked through sha256 and hf_xet's file hash instead; see hubserver_xetformat).
+Not implemented: HMAC-protected dedup answers, upload grants, the v2 NDJSON shard stream and
+multi-range fetches, and token scopes finer than repo + read/write.
 
 Counters (reset by ``FakeHub.reset_counters``): ``xorb_bytes_received`` (bodies of accepted xorb
 uploads), ``shard_bytes_received``, ``xorb_bytes_served`` (signed fetches), ``xorbs_received`` and
-``files_registered`` (``(repo_key, file hash)`` per newly registered file).
+``files_registered`` (``(repo_key, file hash)`` per newly registered file). ``shards`` keeps the
+accepted shard bodies.
 """
 from __future__ import annotations
 
