@@ -75,7 +75,7 @@ def test_upload_and_download_go_through_the_cas(hub, api, data, tmp_path):
     assert hub.files("alice/m")["w.bin"] == data
     [xorb] = hub.cas.xorbs.values()
     schemes = {xorb.data[start + 4] for start in [0, *xorb.boundaries[:-1]]}
-    assert schemes == {0, 1}  # random chunks stored as they are, the text LZ4-compressed
+    assert {0, 1} <= schemes  # random chunks stored as they are, the text LZ4-compressed
     assert hub.cas.xorb_bytes_received == len(xorb.data) < len(data)  # the repeated block was sent once
     xet_hash = hub.xet_files("alice/m")["w.bin"]
     [entry] = api.get_paths_info("alice/m", ["w.bin"])
