@@ -25,6 +25,7 @@ import httpx
 
 from .errors import HubbotError, HubUnreachable, PublishError, UsageError
 from .hub import cause, fresh_client, install_client, reaching, transport_failure, underlying, unreachable
+from .xet_errors import classify_xet_error, describe_xet_error
 
 MANIFEST = "hubbot.json"
 REPORT = "validation.json"
@@ -249,6 +250,9 @@ class HubTarget:
                                               parent_commit=None if use_pr else parent)
                 return _Landed(info.oid, info.pr_url)
             except Exception as e:  # noqa: BLE001 - sorted below; anything unknown is re-raised
+                if classify_xet_error(e) != "not-xet":  # the files' upload, which comes before the commit
+                    self._xet_failure(what, e, attempt, self.retries)
+                    continue
                 error = underlying(e)
                 status = _status(error) if isinstance(error, HfHubHTTPError) else None
                 if status is None and transport_failure(e) is None:
@@ -334,6 +338,15 @@ class HubTarget:
         self.log(f"{what}: {reason}; retry {attempt}/{self.retries - 1} in {delay:.1f}s")
         self.sleep(delay)
 
+    def _xet_failure(self, what: str, error: BaseException, attempt: int, attempts: int) -> None:
+        """hf_xet failed uploading (or reading) files through Xet storage: pause before the next
+        attempt when a retry may help, else raise PublishError. The upload comes before the commit
+        request, so nothing was committed."""
+        reason = describe_xet_error(error)
+        if classify_xet_error(error) == "permanent" or attempt == attempts:
+            raise PublishError(f"{what} failed after {attempt} attempt(s): {reason}; nothing was committed") from None
+        self._pause(what, attempt, reason, None, fresh=False)
+
     @staticmethod
     def _backoff(attempt: int) -> float:
         base = float(os.environ.get("HUBBOT_RETRY_BACKOFF", "2"))
@@ -371,6 +384,8 @@ class HubTarget:
                     if attempt == attempts:
                         raise unreachable(e, self.api.endpoint, f"{what} ({attempt} attempt(s))") from None
                     self._pause(what, attempt, cause(transport_failure(e)), None, fresh=True)
+                elif classify_xet_error(e) != "not-xet":
+                    self._xet_failure(what, e, attempt, attempts)
                 else:
                     raise
         raise AssertionError("unreachable")

@@ -15,7 +15,11 @@ import pytest
 
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("HUGGINGFACE_CO_STAGING", None)
-os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_XET"] = "1"  # the default here; the `transfer` fixture turns Xet on per test
+# hf_xet reads its settings once, when huggingface_hub first opens its (process-wide) Xet session:
+# retry faults quickly, instead of the 5 attempts from 3 s up that production wants
+os.environ.update(HF_XET_CLIENT_RETRY_MAX_ATTEMPTS="3", HF_XET_CLIENT_RETRY_BASE_DELAY="20ms",
+                  HF_XET_CLIENT_RETRY_MAX_DURATION="5s")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
@@ -51,6 +55,21 @@ def _shared_tiny_model_cache() -> Path:
     from tests.fixtures import default_cache_dir
 
     return default_cache_dir()
+
+
+@pytest.fixture(params=["xet", "lfs"])
+def transfer(request, monkeypatch) -> str:
+    """How the Hub client uploads: "xet" (hf_xet, its default when installed) or "lfs" (HF_HUB_DISABLE_XET).
+    huggingface_hub reads the variable at import, so the constant is patched too; the variable is for
+    subprocesses. The test Hub serves both, as the Hub does."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", request.param == "lfs")
+    if request.param == "xet":
+        monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    return request.param
 
 
 @pytest.fixture

@@ -1,27 +1,48 @@
-"""A small Hugging Face Hub-compatible HTTP server for tests (stdlib only).
+"""A small Hugging Face Hub-compatible HTTP server for tests (stdlib, plus hf_xet to check Xet file hashes).
 
-The real ``huggingface_hub`` client (1.x, with ``HF_HUB_DISABLE_XET=1``) talks to it on 127.0.0.1;
-pass ``endpoint=hub.url`` to ``HfApi``. It implements the subset of the Hub API in
-``shared/hub-protocol.md``: repos, the LFS upload protocol (preupload -> batch -> PUT -> verify ->
-NDJSON commit), refs, trees, commits, discussions and pull requests, ``resolve`` downloads (Range,
-X-Repo-Commit, ETag/X-Linked-*), model listing with ``Link`` paging, and collections.
+The real ``huggingface_hub`` client talks to it on 127.0.0.1; pass ``endpoint=hub.url`` to ``HfApi``.
+It implements the subset of the Hub API in ``shared/hub-protocol.md``: repos, the LFS upload protocol
+(preupload -> batch -> PUT -> verify -> NDJSON commit), refs, trees, commits, discussions and pull
+requests, ``resolve`` downloads (Range, X-Repo-Commit, ETag/X-Linked-*), model listing with ``Link``
+paging, and collections. And Xet, as the Hub speaks it to hf_xet:
+
+- ``GET /api/{type}s/{repo}/xet-write-token/{rev}`` (``rev`` "None" with ``?create_pr=1`` when the client
+  opens a pull request) and ``xet-read-token/{rev}``: ``{"accessToken", "exp", "casUrl"}`` in JSON and
+  the ``X-Xet-Cas-Url`` / ``X-Xet-Access-Token`` / ``X-Xet-Token-Expiration`` headers; the write token
+  follows the upload rules, the read token the read rules (private, gated);
+- a CAS (tests/hubserver_xet.py, formats in tests/hubserver_xetformat.py) under ``/cas`` on the same
+  server: xorb and shard upload, global deduplication, file reconstruction and signed xorb fetches.
+  A shard registers its files for the token's repo; their content then commits as ``lfsFile`` by
+  sha256, and the files carry ``xetHash`` in tree/paths-info answers and ``X-Xet-Hash`` + a
+  ``Link: <xet-read-token>; rel="xet-auth"`` on ``resolve``, so downloads go through the CAS too.
+  The client chooses Xet by itself (hf_xet installed, ``HF_HUB_DISABLE_XET`` unset); the server serves
+  both paths at once, as the Hub does. Files given to ``seed_repo`` are plain LFS (like repos from
+  before Xet). ``FakeHub(xet=False)`` is a Hub without Xet: its token routes answer 404.
 
     with FakeHub(users={"alice": "hf_alice"}, orgs={"alice": ["phi-org"]}) as hub:
         api = HfApi(endpoint=hub.url, token="hf_alice")
         hub.inject(method="POST", path=r"/commit/", status=500, times=1)
 
+Closer to the Hub than a plain store: uploaded LFS objects (and Xet files) belong to the repo they
+were uploaded to, so another repo's preupload/batch does not see them as present; repo ids are
+looked up case-insensitively and keep their casing; ``read_tokens`` gives users read-only tokens,
+which get 403 on every write (message ours); a file over ``max_file_size`` (default the Hub's 50 GB)
+is refused at preupload (400) and in the LFS batch (per-object error 422), with the Hub's wording
+"Maximum individual file size is 50.0GB".
+
 State lives in memory; every handler runs under one lock, and a commit builds its whole new tree
 before swapping it in, so a commit lands completely or not at all. An injected fault answers before
-the handler runs (so it changes nothing) unless ``after=True``.
+the handler runs (so it changes nothing) unless ``after=True``; faults match CAS routes too.
 
 Like the Hub: every new repo starts with an "initial commit" holding ``.gitattributes``;
 ``model_info`` lists sibling sizes/blob ids only with ``files_metadata=True``; private repos answer
 RepoNotFound (401 anonymous, 404 signed in) to outsiders; gated repos answer GatedRepo on resolve.
 
 Counters: ``requests`` holds ``(method, raw target incl. query, status)``, status 0 for a dropped
-connection. ``bytes_uploaded`` counts LFS PUT bodies that passed the sha256 check plus the decoded
-regular-file contents of commits that landed. ``bytes_downloaded`` maps ``repo_id/path`` to the body
-bytes ``resolve`` GETs sent of it (a ranged read counts only its range).
+connection. ``bytes_uploaded`` counts file content received: LFS PUT bodies that passed the sha256
+check, xorb bodies the CAS accepted, and the decoded regular-file contents of commits that landed.
+``bytes_downloaded`` maps ``repo_id/path`` to the body bytes ``resolve`` GETs sent of it (a ranged
+read counts only its range); Xet downloads are counted by ``hub.cas`` (see hubserver_xet).
 """
 from __future__ import annotations
 
@@ -40,6 +61,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlencode
 
+from tests.hubserver_xet import LocalCAS
+
 LFS_THRESHOLD = 10 * 1024 * 1024  # regular files must stay below this
 LFS_SUFFIXES = (".7z", ".arrow", ".bin", ".bz2", ".ckpt", ".ftz", ".gguf", ".gz", ".h5", ".joblib",
                 ".mlmodel", ".model", ".msgpack", ".npy", ".npz", ".onnx", ".ot", ".parquet", ".pb",
@@ -47,6 +70,16 @@ LFS_SUFFIXES = (".7z", ".arrow", ".bin", ".bz2", ".ckpt", ".ftz", ".gguf", ".gz"
                 ".wasm", ".xz", ".zip", ".zst")
 GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
 PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+MAX_FILE_SIZE = 50 * 1000 ** 3  # the Hub's hard limit per file
+# handlers that change state: a read-only token gets 403 on them (and on xet-write-token)
+WRITE_HANDLERS = {"create_repo", "delete_repo", "settings", "preupload", "commit", "lfs_batch", "lfs_verify",
+                  "create_branch", "delete_branch", "create_tag", "delete_tag", "create_discussion",
+                  "discussion_action", "create_collection", "delete_collection", "add_collection_item"}
+
+
+def repo_key(repo_type: str, repo_id: str) -> tuple[str, str]:
+    """How repos are looked up: the Hub treats repo ids case-insensitively (and keeps their casing)."""
+    return repo_type, repo_id.lower()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -124,16 +157,18 @@ def parse_front_matter(text: str) -> dict | None:
 
 @dataclass(frozen=True)
 class Blob:
-    """One file in a tree. ``oid`` is the git blob id (of the pointer file for LFS files)."""
+    """One file in a tree. ``oid`` is the git blob id (of the pointer file for LFS files); ``xet_hash``
+    is set for LFS files whose content was uploaded through Xet (the CAS can reconstruct them)."""
     data: bytes
     lfs: bool
     oid: str
     sha256: str | None
+    xet_hash: str | None = field(default=None, compare=False)
 
     @classmethod
-    def make(cls, data: bytes, lfs: bool) -> Blob:
+    def make(cls, data: bytes, lfs: bool, xet_hash: str | None = None) -> Blob:
         sha = hashlib.sha256(data).hexdigest() if lfs else None
-        return cls(data, lfs, _git_oid(cls.pointer(sha, len(data)) if lfs else data), sha)
+        return cls(data, lfs, _git_oid(cls.pointer(sha, len(data)) if lfs else data), sha, xet_hash if lfs else None)
 
     @staticmethod
     def pointer(sha: str, size: int) -> bytes:
@@ -148,6 +183,8 @@ class Blob:
         if self.lfs:
             e["lfs"] = {"oid": self.sha256, "size": self.size,
                         "pointerSize": len(self.pointer(self.sha256, self.size))}
+        if self.xet_hash:
+            e["xetHash"] = self.xet_hash
         return e
 
 
@@ -267,6 +304,7 @@ class Req:
     body: bytes
     user: str | None
     headers: dict = field(default_factory=dict)
+    may_write: bool = False   # the token's role is "write"
 
     def q(self, key: str, default=None):
         return self.query.get(key, [default])[0]
@@ -309,7 +347,8 @@ ROUTES = [(m, re.compile(p), h) for m, p, h in [
     ("POST", _R + r"/discussions/(?P<num>\d+)/(?P<action>comment|status|merge)", "discussion_action"),
     ("POST", _P + r"\.git/info/lfs/objects/batch", "lfs_batch"),
     ("POST", _P + r"\.git/info/lfs/objects/verify", "lfs_verify"),
-    ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", "lfs_put"),
+    ("PUT", r"/lfs-upload/(?P<type>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)/(?P<oid>[0-9a-f]{64})", "lfs_put"),
+    ("GET", _R + r"/xet-(?P<scope>read|write)-token/(?P<rev>[^/]+)", "xet_token"),
     ("GET", _P + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
     ("HEAD", _P + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
 ]]
@@ -373,23 +412,35 @@ def _read_body(h: BaseHTTPRequestHandler) -> bytes:
 # ----------------------------------------------------------------------------- the hub
 class FakeHub:
     def __init__(self, users: dict[str, str] | None = None, orgs: dict[str, list[str]] | None = None,
-                 *, page_size: int = 1000, host: str = "127.0.0.1", port: int = 0):
-        self.users = dict(users or {})                                  # name -> token
+                 *, read_tokens: dict[str, str] | None = None, max_file_size: int = MAX_FILE_SIZE,
+                 xet: bool = True, page_size: int = 1000, host: str = "127.0.0.1", port: int = 0):
+        self.users = dict(users or {})                                  # name -> write token
         self.orgs = {u: list(o) for u, o in (orgs or {}).items()}      # user -> [org, ...]
-        self._tokens = {tok: name for name, tok in self.users.items()}
+        self._tokens = {tok: (name, True) for name, tok in self.users.items()}  # token -> (user, may write)
+        self._tokens.update({tok: (name, False) for name, tok in (read_tokens or {}).items()})
+        self.max_file_size = max_file_size
+        self.xet = xet                                                  # False: a Hub without Xet storage
         self.page_size = page_size
-        self.repos: dict[tuple[str, str], Repo] = {}
-        self.blobs: dict[str, bytes] = {}                               # LFS store, sha256 -> content
+        self.repos: dict[tuple[str, str], Repo] = {}                    # repo_key() -> repo
+        self.lfs: dict[tuple[str, str], dict[str, bytes]] = {}          # per repo: LFS objects, sha256 -> content
+        self.xet_hashes: dict[tuple[str, str], dict[str, str]] = {}     # per repo: sha256 -> Xet file hash
         self.collections: dict[str, dict] = {}
         self.requests: list[tuple[str, str, int]] = []                  # status 0 = connection dropped
-        self.bytes_uploaded = 0
+        self._content_bytes = 0                                         # LFS PUTs + regular files committed
         self.bytes_downloaded: dict[str, int] = {}                      # "repo_id/path" -> bytes sent
         self._faults: list[Fault] = []
         self._lock = threading.RLock()
         self._counter = 0
         self._server = _Server((host, port), self)
         self.url = f"http://{host}:{self._server.server_address[1]}"
+        self.cas = LocalCAS(self.url, self._xet_file_registered)
         self._thread: threading.Thread | None = None
+
+    @property
+    def bytes_uploaded(self) -> int:
+        """File content received: LFS PUT bodies that passed the sha256 check, xorb bodies the CAS
+        accepted, and the regular-file contents of commits that landed (not shard metadata)."""
+        return self._content_bytes + self.cas.xorb_bytes_received
 
     # -- lifecycle
     def start(self) -> FakeHub:
@@ -417,7 +468,7 @@ class FakeHub:
         """Create the repo if needed, then commit ``files`` on top of main (added or replaced; paths in
         ``delete`` removed). Settings left as None keep their current value. Returns the commit oid."""
         with self._lock:
-            repo = self.repos.get((repo_type, repo_id))
+            repo = self.repos.get(repo_key(repo_type, repo_id))
             if repo is None:
                 when = datetime.fromisoformat(created_at.replace("Z", "+00:00")) if isinstance(created_at, str) \
                     else created_at or _now()
@@ -430,38 +481,52 @@ class FakeHub:
                 data = Path(content).read_bytes() if isinstance(content, Path) else \
                     content.encode() if isinstance(content, str) else bytes(content)
                 tree[path] = Blob.make(data, wants_lfs(path, len(data), data[:512]))
+                if tree[path].lfs:  # as if pushed through LFS: the repo's store holds it
+                    self.lfs.setdefault(repo_key(repo.type, repo.id), {})[tree[path].sha256] = data
             for path in delete:
                 tree.pop(path, None)
             return self._new_commit(repo, "main", tree, message, "", author or repo.namespace).oid
 
     def grant_access(self, repo_id: str, user: str, repo_type: str = "model") -> None:
         with self._lock:
-            self.repos[(repo_type, repo_id)].access.add(user)
+            self.repos[repo_key(repo_type, repo_id)].access.add(user)
 
     def repo_exists(self, repo_id: str, repo_type: str = "model") -> bool:
-        return (repo_type, repo_id) in self.repos
+        return repo_key(repo_type, repo_id) in self.repos
+
+    def repo_id(self, repo_id: str, repo_type: str = "model") -> str:
+        """The repo's id with the casing it was created with."""
+        return self.repos[repo_key(repo_type, repo_id)].id
+
+    def xet_files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, str]:
+        """Path -> Xet file hash, for the files at ``revision`` whose content came through Xet."""
+        with self._lock:
+            repo = self.repos[repo_key(repo_type, repo_id)]
+            tree = repo.commits[self._resolve_rev(repo, revision)].tree
+            return {p: b.xet_hash for p, b in tree.items() if b.xet_hash}
 
     def commits(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> list[Commit]:
         with self._lock:
-            repo = self.repos[(repo_type, repo_id)]
+            repo = self.repos[repo_key(repo_type, repo_id)]
             return list(reversed(list(repo.chain(self._resolve_rev(repo, revision)))))
 
     def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
         with self._lock:
-            repo = self.repos[(repo_type, repo_id)]
+            repo = self.repos[repo_key(repo_type, repo_id)]
             return repo.commits[self._resolve_rev(repo, revision)].files
 
     def pull_requests(self, repo_id: str, repo_type: str = "model") -> list[PullRequest]:
         with self._lock:
-            repo = self.repos[(repo_type, repo_id)]
+            repo = self.repos[repo_key(repo_type, repo_id)]
             return [PullRequest(d.num, d.title, d.ref, d.status, d.author, repo.commits[d.head].files)
                     for d in repo.discussions.values() if d.is_pr]
 
     def reset_counters(self) -> None:
         with self._lock:
             self.requests.clear()
-            self.bytes_uploaded = 0
+            self._content_bytes = 0
             self.bytes_downloaded.clear()
+            self.cas.reset_counters()
 
     # -- faults
     def inject(self, method: str | None = None, path: str = ".*", status: int | None = None, *,
@@ -530,18 +595,24 @@ class FakeHub:
 
     def _dispatch(self, method: str, target: str, body: bytes, headers):
         path, _, qs = target.partition("?")
+        if path.startswith("/cas/"):  # the Xet CAS: its own tokens, its own error bodies
+            with self._lock:
+                return self.cas.dispatch(method, path, parse_qs(qs), body, headers)
         found = next(((m, name) for route_method, regex, name in ROUTES
                       if route_method == method and (m := regex.fullmatch(path))), None)
         if found is None:
             raise HubError(404, f"Sorry, we can't find the page you are looking for: {method} {path}")
         m, name = found
-        user, auth = None, headers.get("Authorization", "")
+        user, may_write, auth = None, False, headers.get("Authorization", "")
         if auth.lower().startswith("bearer ") and name != "lfs_put":
-            user = self._tokens.get(auth[7:].strip())
+            user, may_write = self._tokens.get(auth[7:].strip(), (None, False))
             if user is None:
                 raise HubError(401, "Invalid credentials in Authorization header")
+        if user is not None and not may_write and (name in WRITE_HANDLERS or m.groupdict().get("scope") == "write"):
+            raise HubError(403, "Forbidden: this is a read-only token; you must use a token with the write role "
+                                "to do this")
         params = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
-        req = Req(method, path, params, parse_qs(qs, keep_blank_values=True), body, user, headers)
+        req = Req(method, path, params, parse_qs(qs, keep_blank_values=True), body, user, headers, may_write)
         with self._lock:
             return getattr(self, "_h_" + name)(req)
 
@@ -550,7 +621,7 @@ class FakeHub:
         return user is not None and (user == namespace or namespace in self.orgs.get(user, []))
 
     def _create(self, repo_type: str, repo_id: str, author: str, **kw) -> Repo:
-        repo = self.repos[(repo_type, repo_id)] = Repo(repo_type, repo_id, **kw)
+        repo = self.repos[repo_key(repo_type, repo_id)] = Repo(repo_type, repo_id, **kw)
         tree = {".gitattributes": Blob.make(GITATTRIBUTES, False)}
         self._new_commit(repo, "main", tree, "initial commit", "", author, date=repo.created_at)
         return repo
@@ -571,7 +642,7 @@ class FakeHub:
 
     def _repo(self, req: Req, write: bool = False) -> Repo:
         rtype = req.params["type"][:-1] if "type" in req.params else (req.params.get("prefix") or "models")[:-1]
-        repo = self.repos.get((rtype, req.params["repo"]))
+        repo = self.repos.get(repo_key(rtype, req.params["repo"]))
         if repo is None or (repo.private and not self._member(req.user, repo.namespace)):
             raise HubError(401 if req.user is None else 404, "Repository not found", "RepoNotFound")
         if write:
@@ -697,7 +768,8 @@ class FakeHub:
         return _json({"type": "user", "id": hashlib.sha1(user.encode()).hexdigest()[:24], "name": user,
                       "fullname": user, "email": f"{user}@example.com", "emailVerified": True, "isPro": False,
                       "canPay": False, "orgs": orgs,
-                      "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
+                      "auth": {"type": "access_token",
+                               "accessToken": {"displayName": "test", "role": "write" if req.may_write else "read"}}})
 
     def _h_create_repo(self, req: Req):
         user, body = self._require_user(req), req.json()
@@ -709,7 +781,8 @@ class FakeHub:
             raise HubError(403, f"You don't have the rights to create a {rtype} under the namespace \"{namespace}\"")
         repo_id = f"{namespace}/{name}"
         url = f"{self.url}/{PREFIXES[rtype]}{repo_id}"
-        if (rtype, repo_id) in self.repos:
+        if repo_key(rtype, repo_id) in self.repos:
+            url = f"{self.url}/{PREFIXES[rtype]}{self.repos[repo_key(rtype, repo_id)].id}"
             raise HubError(409, f"You already created this {rtype} repo", url=url)
         private = body.get("visibility", "public") == "private" if "visibility" in body else bool(body.get("private"))
         self._create(rtype, repo_id, user, private=private)
@@ -720,7 +793,11 @@ class FakeHub:
         namespace = body.get("organization") or self._require_user(req)
         req.params.update(type=(body.get("type") or "model") + "s", repo=f"{namespace}/{body.get('name')}")
         repo = self._repo(req, write=True)
-        del self.repos[(repo.type, repo.id)]
+        key = repo_key(repo.type, repo.id)
+        del self.repos[key]
+        self.lfs.pop(key, None)
+        self.xet_hashes.pop(key, None)
+        self.cas.forget_repo(key)
         return _json({})
 
     def _h_settings(self, req: Req):
@@ -777,11 +854,20 @@ class FakeHub:
         return self._page(req, [info for _, info in items])
 
     # -- handlers: upload protocol
+    def _too_large(self, size) -> str | None:
+        if isinstance(size, int) and size > self.max_file_size:
+            limit = self.max_file_size  # tests use small limits: bytes then, the Hub's GB otherwise
+            shown = f"{limit / 1000 ** 3:.1f}GB" if limit >= 10 ** 8 else f"{limit} bytes"
+            return f"Maximum individual file size is {shown}"
+        return None
+
     def _h_preupload(self, req: Req):
         repo = self._uploadable(req, req.params["rev"], req.flag("create_pr"))
         _, tree = self._tree(repo, req.params["rev"])
         out = []
         for f in req.json().get("files", []):
+            if error := self._too_large(f.get("size")):
+                raise HubError(400, f"{f['path']}: {error}")
             sample = base64.b64decode(f.get("sample", ""))
             mode = "lfs" if wants_lfs(f["path"], int(f.get("size", 0)), sample) else "regular"
             remote = tree.get(f["path"])
@@ -796,37 +882,61 @@ class FakeHub:
         if body.get("operation") != "upload":
             raise HubError(400, "Only the upload operation is supported")
         verify = f"{self.url}/{repo.prefix}{repo.id}.git/info/lfs/objects/verify"
+        stored = self.lfs.get(repo_key(repo.type, repo.id), {})
         objects = []
         for o in body.get("objects", []):
             oid, size = o.get("oid", ""), o.get("size")
             if not re.fullmatch(r"[0-9a-f]{64}", oid) or not isinstance(size, int) or size < 0:
                 objects.append({"oid": str(oid), "size": size if isinstance(size, int) else 0,
                                 "error": {"code": 422, "message": "Invalid object"}})
-            elif oid in self.blobs and len(self.blobs[oid]) == size:
+            elif error := self._too_large(size):
+                objects.append({"oid": oid, "size": size, "error": {"code": 422, "message": error}})
+            elif oid in stored and len(stored[oid]) == size:
                 objects.append({"oid": oid, "size": size})
             else:
                 objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
-                    "upload": {"href": f"{self.url}/lfs-upload/{oid}", "expires_in": 3600},
+                    "upload": {"href": f"{self.url}/lfs-upload/{repo.type}s/{repo.id}/{oid}", "expires_in": 3600},
                     "verify": {"href": verify, "header": {}}}})
         return _json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
                      content_type="application/vnd.git-lfs+json")
 
     def _h_lfs_put(self, req: Req):
-        oid = req.params["oid"]
+        oid, key = req.params["oid"], repo_key(req.params["type"][:-1], req.params["repo"])
+        if key not in self.repos:
+            raise HubError(404, "Repository not found", "RepoNotFound")
         if hashlib.sha256(req.body).hexdigest() != oid:
             raise HubError(400, "Uploaded content does not match its sha256")
-        if oid not in self.blobs:
-            self.blobs[oid] = req.body
-        self.bytes_uploaded += len(req.body)
+        self.lfs.setdefault(key, {}).setdefault(oid, req.body)
+        self._content_bytes += len(req.body)
         return 200, {"ETag": f'"{hashlib.md5(req.body).hexdigest()}"'}, b""
 
     def _h_lfs_verify(self, req: Req):
-        self._repo(req)
+        repo = self._repo(req)
         self._require_user(req)
         body = req.json()
-        if body.get("oid") not in self.blobs or len(self.blobs[body["oid"]]) != body.get("size"):
+        stored = self.lfs.get(repo_key(repo.type, repo.id), {})
+        if body.get("oid") not in stored or len(stored[body["oid"]]) != body.get("size"):
             raise HubError(404, f"Object {body.get('oid')} not found")
         return _json({"success": True})
+
+    def _h_xet_token(self, req: Req):
+        """A Xet CAS token for this repo, as JSON and in the X-Xet-* headers huggingface_hub reads. Write
+        tokens follow the upload rules (``rev`` is "None" when opening a pull request)."""
+        if not self.xet:
+            raise HubError(404, f"Sorry, we can't find the page you are looking for: {req.method} {req.path}")
+        write, rev = req.params["scope"] == "write", req.params["rev"]
+        create_pr = req.flag("create_pr") or (write and rev == "None")
+        repo = self._uploadable(req, None if rev == "None" else rev, create_pr) if write else self._readable(req)
+        if rev != "None":
+            self._resolve_rev(repo, rev)
+        info = self.cas.issue_token(repo_key(repo.type, repo.id), write, req.user)
+        return _json(info, headers={"X-Xet-Cas-Url": info["casUrl"], "X-Xet-Access-Token": info["accessToken"],
+                                    "X-Xet-Token-Expiration": str(info["exp"])})
+
+    def _xet_file_registered(self, key: tuple[str, str], record, data: bytes) -> None:
+        """The CAS accepted a shard for this repo: its files are now stored in the repo, by sha256."""
+        self.lfs.setdefault(key, {})[record.sha256] = data
+        self.xet_hashes.setdefault(key, {})[record.sha256] = record.hash
 
     def _h_commit(self, req: Req):
         create_pr, rev = req.flag("create_pr"), req.params["rev"]
@@ -855,15 +965,20 @@ class FakeHub:
             if key == "file":
                 data = base64.b64decode(value["content"]) if value.get("encoding") == "base64" \
                     else value["content"].encode()
+                if error := self._too_large(len(data)):
+                    raise HubError(400, f"{path}: {error}")
                 if len(data) >= LFS_THRESHOLD or _is_binary(data[:512]):  # the sample preupload saw
                     raise HubError(400, f"Your push was rejected because it contains binary or large files "
                                         f"({path}). Please use LFS.")
                 tree[path], regular_bytes = Blob.make(data, False), regular_bytes + len(data)
             elif key == "lfsFile":
-                data = self.blobs.get(value.get("oid"))
+                data = self.lfs.get(repo_key(repo.type, repo.id), {}).get(value.get("oid"))
                 if data is None or value.get("size", len(data)) != len(data):
-                    raise HubError(422, f"LFS object {value.get('oid')} for {path} was not uploaded")
-                tree[path] = Blob.make(data, True)
+                    raise HubError(422, f"LFS object {value.get('oid')} for {path} was not uploaded to {repo.id}")
+                if error := self._too_large(len(data)):
+                    raise HubError(400, f"{path}: {error}")
+                xet_hash = self.xet_hashes.get(repo_key(repo.type, repo.id), {}).get(value.get("oid"))
+                tree[path] = Blob.make(data, True, xet_hash)
             elif key == "deletedFile":
                 if tree.pop(path, None) is None:
                     raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
@@ -890,7 +1005,7 @@ class FakeHub:
             commit = self._new_commit(repo, branch, tree, title, description, user)
         if pr is not None:
             pr.events.append(self._event(user, "commit", {"subject": title, "oid": commit.oid}))
-        self.bytes_uploaded += regular_bytes
+        self._content_bytes += regular_bytes
         resp = {"success": True, "commitOid": commit.oid, "commitUrl": f"{self._repo_url(repo)}/commit/{commit.oid}"}
         if create_pr:
             resp["pullRequestUrl"] = f"{self._repo_url(repo)}/discussions/{pr.num}"
@@ -975,12 +1090,17 @@ class FakeHub:
             raise HubError(404, f"Invalid rev id: {req.params['tag']}", "RevisionNotFound")
         return _json({})
 
-    def _h_resolve(self, req: Req):
+    def _readable(self, req: Req) -> Repo:
+        """The repo, if the caller may read its files (gated repos need access)."""
         repo = self._repo(req)
         if repo.gated and not (self._member(req.user, repo.namespace) or req.user in repo.access):
             raise HubError(401 if req.user is None else 403,
                            f"Access to {repo.type} {repo.id} is restricted. You must have access to it and be "
                            "authenticated to access it. Please log in.", "GatedRepo")
+        return repo
+
+    def _h_resolve(self, req: Req):
+        repo = self._readable(req)
         oid, tree = self._tree(repo, req.params["rev"])
         blob = tree.get(req.params["path"])
         if blob is None:
@@ -990,6 +1110,9 @@ class FakeHub:
                    "Content-Type": "application/octet-stream"}
         if blob.lfs:
             headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(blob.size)})
+        if blob.xet_hash:  # as the Hub: the file hash, and where to get a read token for the CAS
+            token_url = f"{self.url}/api/{repo.type}s/{repo.id}/xet-read-token/{oid}"
+            headers.update({"X-Xet-Hash": blob.xet_hash, "Link": f'<{token_url}>; rel="xet-auth"'})
         status, data = 200, blob.data
         if req.method == "GET" and req.params["path"] == "config.json":
             repo.downloads += 1
@@ -1149,9 +1272,10 @@ class FakeHub:
             raise HubError(403, "You can't edit this collection")
         item_id, item_type = body.get("item", {}).get("id"), body.get("item", {}).get("type")
         if item_type in PREFIXES:
-            repo = self.repos.get((item_type, item_id))
+            repo = self.repos.get(repo_key(item_type, item_id or ""))
             if repo is None or (repo.private and not self._member(req.user, repo.namespace)):
                 raise HubError(404, f"{item_type} {item_id} not found", "RepoNotFound")
+            item_id = repo.id  # as the repo spells itself
         if any(i["id"] == item_id and i["type"] == item_type for i in c["items"]):
             raise HubError(409, "Item already in the collection")
         item = {"_id": secrets.token_hex(12), "id": item_id, "type": item_type, "position": len(c["items"])}

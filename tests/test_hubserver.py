@@ -1,5 +1,9 @@
-"""Drives tests/hubserver.FakeHub with the real huggingface_hub client (no mocks)."""
+"""Drives tests/hubserver.FakeHub with the real huggingface_hub client (no mocks).
+
+Tests that upload or download LFS files take the `transfer` fixture (conftest): they run once with
+the client uploading through Xet (its default, hf_xet installed) and once through LFS."""
 import hashlib
+import json
 import os
 import time
 from datetime import datetime, timezone
@@ -20,6 +24,7 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from tests.hubserver import FakeHub
 
 ALICE, BOB = "hf_alice_token", "hf_bob_token"
+AUTH = {"Authorization": f"Bearer {ALICE}"}
 BIG = 10 * 1024 * 1024 + 17  # over the regular-file limit: LFS by size even though it is text
 
 
@@ -71,6 +76,10 @@ def puts(hub):
     return [r for r in hub.requests if r[0] == "PUT"]
 
 
+def cas_calls(hub, route: str):
+    return [r for r in hub.requests if r[1].startswith(f"/cas/v1/{route}")]
+
+
 def test_whoami_and_create_repo(hub, api):
     me = api.whoami()
     assert me["name"] == "alice" and [o["name"] for o in me["orgs"]] == ["phi-org"]
@@ -94,7 +103,7 @@ def test_whoami_and_create_repo(hub, api):
     assert not hub.repo_exists("alice/x") and hub.repo_exists("phi-org/y")
 
 
-def test_upload_folder_regular_and_lfs(hub, api, folder):
+def test_upload_folder_regular_and_lfs(hub, api, folder, transfer):
     d, files = folder
     api.create_repo("alice/m")
     hub.reset_counters()
@@ -102,8 +111,15 @@ def test_upload_folder_regular_and_lfs(hub, api, folder):
     assert info.oid == hub.commits("alice/m")[-1].oid
     assert hub.files("alice/m") == {".gitattributes": hub.files("alice/m")[".gitattributes"], **files}
     lfs = {"model.safetensors", "sub/blob.dat", "big.txt"}
-    assert len(puts(hub)) == len(lfs) and all(status == 200 for _, _, status in puts(hub))
-    assert hub.bytes_uploaded == sum(len(v) for v in files.values())
+    regular_bytes = sum(len(v) for k, v in files.items() if k not in lfs)
+    if transfer == "lfs":
+        assert len(puts(hub)) == len(lfs) and all(status == 200 for _, _, status in puts(hub))
+        assert hub.bytes_uploaded == sum(len(v) for v in files.values()) and hub.xet_files("alice/m") == {}
+    else:  # the LFS files went to the CAS as xorbs (big.txt compresses well), none through LFS
+        assert puts(hub) == [] and not [r for r in hub.requests if "/info/lfs/" in r[1]]
+        assert set(hub.xet_files("alice/m")) == lfs and cas_calls(hub, "shards")[-1][2] == 200
+        assert 0 < hub.cas.xorb_bytes_received < sum(len(files[p]) for p in lfs)
+        assert hub.bytes_uploaded == hub.cas.xorb_bytes_received + regular_bytes
     assert sorted(api.list_repo_files("alice/m")) == sorted([".gitattributes", *files])
     siblings = {s.rfilename: s for s in api.model_info("alice/m", files_metadata=True).siblings}
     for name, data in files.items():
@@ -117,13 +133,20 @@ def test_upload_folder_regular_and_lfs(hub, api, folder):
     assert "license:apache-2.0" in card.tags and "quantized" in card.tags and card.library_name == "transformers"
 
 
-def test_downloads_match_uploads(hub, api, folder, tmp_path):
+def test_downloads_match_uploads(hub, api, folder, tmp_path, transfer):
     d, files = folder
     api.create_repo("alice/m")
     sha = api.upload_folder(repo_id="alice/m", folder_path=d).oid
+    hub.reset_counters()
     for name in ("big.txt", "sub/notes.txt", "model.safetensors"):
         path = api.hf_hub_download("alice/m", name, cache_dir=tmp_path / "c1")
         assert open(path, "rb").read() == files[name]
+    body_gets = {p.rsplit("/", 1)[-1] for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p}
+    if transfer == "xet":  # LFS files came from the CAS (reconstruction + signed xorb ranges), not /resolve
+        assert body_gets == {"notes.txt"} and len(cas_calls(hub, "reconstructions")) == 2
+        assert hub.cas.xorb_bytes_served > 0
+    else:
+        assert body_gets == {"big.txt", "notes.txt", "model.safetensors"} and hub.cas.xorb_bytes_served == 0
     snap = api.snapshot_download("alice/m", cache_dir=tmp_path / "c2")
     assert snap.endswith(sha)
     for name, data in files.items():
@@ -141,21 +164,23 @@ def test_downloads_match_uploads(hub, api, folder, tmp_path):
     head = httpx.head(f"{hub.url}/alice/m/resolve/main/big.txt")
     assert head.headers["X-Linked-Size"] == str(BIG) and head.headers["X-Linked-Etag"].strip('"') == \
         hashlib.sha256(files["big.txt"]).hexdigest()
+    assert head.headers.get("X-Xet-Hash") == hub.xet_files("alice/m").get("big.txt")  # None through LFS
 
 
-def test_identical_second_upload_is_a_no_op(hub, api, folder):
+def test_identical_second_upload_is_a_no_op(hub, api, folder, transfer):
     d, _ = folder
     api.create_repo("alice/m")
     first = api.upload_folder(repo_id="alice/m", folder_path=d)
+    assert (hub.cas.xorbs_received > 0) == (transfer == "xet")
     hub.reset_counters()
     second = api.upload_folder(repo_id="alice/m", folder_path=d)
     assert second.oid == first.oid and len(hub.commits("alice/m")) == 2
-    assert hub.bytes_uploaded == 0 and puts(hub) == []
+    assert hub.bytes_uploaded == 0 and puts(hub) == [] and cas_calls(hub, "xorbs") == []
     assert not any("/commit/" in path for _, path, _ in hub.requests)
     assert ("GET", "/api/models/alice/m/revision/main", 200) in hub.requests
 
 
-def test_create_pr_then_merge(hub, api):
+def test_create_pr_then_merge(hub, api, transfer):
     api.create_repo("alice/m")
     api.upload_file(repo_id="alice/m", path_or_fileobj=b"v1", path_in_repo="a.txt")
     main_before = hub.files("alice/m")
@@ -176,11 +201,12 @@ def test_create_pr_then_merge(hub, api):
     api.merge_pull_request("alice/m", 1)
     assert hub.files("alice/m")["a.txt"] == b"v2" and hub.files("alice/m")["w.safetensors"] == b"\x00weights"
     assert hub.pull_requests("alice/m")[0].status == "merged"
+    assert ("w.safetensors" in hub.xet_files("alice/m")) == (transfer == "xet")
     assert api.get_discussion_details("alice/m", 1).merge_commit_oid == hub.commits("alice/m")[-1].oid
     assert hub.commits("alice/m")[-1].title == "Quantize (#1)"
 
 
-def test_failed_commit_leaves_repo_unchanged_and_retry_succeeds(hub, api, tmp_path):
+def test_failed_commit_leaves_repo_unchanged_and_retry_succeeds(hub, api, tmp_path, transfer):
     api.create_repo("alice/m")
     before = [c.oid for c in hub.commits("alice/m")]
     (tmp_path / "w.gguf").write_bytes(b"GGUF" + bytes(4096))
@@ -194,7 +220,8 @@ def test_failed_commit_leaves_repo_unchanged_and_retry_succeeds(hub, api, tmp_pa
     # retrying the same operations skips the LFS upload (already done) and lands everything
     info = api.create_commit("alice/m", ops, commit_message="Add gguf")
     assert hub.files("alice/m")["w.gguf"] == b"GGUF" + bytes(4096) and info.oid == hub.commits("alice/m")[-1].oid
-    assert len(puts(hub)) == 1
+    assert len(puts(hub)) == (1 if transfer == "lfs" else 0)
+    assert hub.cas.xorbs_received == (1 if transfer == "xet" else 0)
     # a commit failing on its last operation lands none of the earlier ones
     with pytest.raises(RemoteEntryNotFoundError):
         api.create_commit("alice/m", [CommitOperationAdd("new.txt", b"n"), CommitOperationDelete("missing.txt")],
@@ -343,6 +370,94 @@ def test_branches_tags_history_and_tree(hub, api):
     api.delete_branch("alice/m", branch="dev")
     with pytest.raises(RevisionNotFoundError):
         api.model_info("alice/m", revision="dev")
+
+
+def test_lfs_objects_belong_to_the_repo_they_were_uploaded_to(hub, api, tmp_path, transfer):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(os.urandom(100_000))
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    for repo in ("alice/a", "alice/b", "alice/c"):
+        api.create_repo(repo)
+    api.upload_file(repo_id="alice/a", path_or_fileobj=weights, path_in_repo="w.safetensors")
+    hub.reset_counters()
+    api.upload_file(repo_id="alice/b", path_or_fileobj=weights, path_in_repo="w.safetensors")
+    assert hub.files("alice/b")["w.safetensors"] == weights.read_bytes()
+    if transfer == "lfs":  # b's batch asked for the object again, though a holds it
+        assert len(puts(hub)) == 1 and hub.bytes_uploaded == 100_000
+    else:  # Xet may spare the bytes (deduplication spans repos) but the file must be registered for b
+        assert hub.cas.files_registered == [(("model", "alice/b"), hub.xet_files("alice/b")["w.safetensors"])]
+
+    def batch(repo):
+        r = httpx.post(f"{hub.url}/{repo}.git/info/lfs/objects/batch", headers=AUTH,
+                       json={"operation": "upload", "objects": [{"oid": sha, "size": 100_000}]})
+        return r.json()["objects"][0]
+    assert "actions" not in batch("alice/a") and "actions" in batch("alice/c")
+    commit = [{"key": "header", "value": {"summary": "steal"}},
+              {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": sha, "size": 100_000}}]
+    r = httpx.post(f"{hub.url}/api/models/alice/c/commit/main", headers=AUTH,
+                   content="\n".join(json.dumps(line) for line in commit))
+    assert r.status_code == 422 and "w.safetensors" not in hub.files("alice/c")
+
+
+def test_read_only_token_reads_but_cannot_write(tmp_path):
+    with FakeHub(users={"alice": ALICE}, read_tokens={"alice": "hf_alice_read"}) as hub:
+        hub.seed_repo("alice/m", {"config.json": b"{}"})
+        ro = HfApi(endpoint=hub.url, token="hf_alice_read")
+        me = ro.whoami()
+        assert me["name"] == "alice" and me["auth"]["accessToken"]["role"] == "read"
+        assert ro.model_info("alice/m").id == "alice/m"
+        assert open(ro.hf_hub_download("alice/m", "config.json", cache_dir=tmp_path / "c"), "rb").read() == b"{}"
+        before = [c.oid for c in hub.commits("alice/m")]
+        writes = {"create_repo": lambda: ro.create_repo("alice/x"),
+                  "upload": lambda: ro.upload_file(repo_id="alice/m", path_or_fileobj=b"x", path_in_repo="x.txt"),
+                  "branch": lambda: ro.create_branch("alice/m", branch="dev"),
+                  "settings": lambda: ro.update_repo_settings("alice/m", private=True),
+                  "discussion": lambda: ro.create_discussion("alice/m", title="hi"),
+                  "delete": lambda: ro.delete_repo("alice/m")}
+        for name, write in writes.items():
+            with pytest.raises(HfHubHTTPError) as e:
+                write()
+            assert e.value.response.status_code == 403, name
+        read_auth = {"Authorization": "Bearer hf_alice_read"}
+        assert httpx.get(f"{hub.url}/api/models/alice/m/xet-write-token/main", headers=read_auth).status_code == 403
+        assert httpx.get(f"{hub.url}/api/models/alice/m/xet-read-token/main", headers=read_auth).status_code == 200
+        assert [c.oid for c in hub.commits("alice/m")] == before and not hub.repo_exists("alice/x")
+        assert HfApi(endpoint=hub.url, token=ALICE).create_repo("alice/x").repo_id == "alice/x"  # the write token may
+
+
+def test_repo_ids_are_case_insensitive(hub, api, tmp_path, transfer):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(os.urandom(50_000))
+    assert api.create_repo("alice/MixedCase").repo_id == "alice/MixedCase"
+    assert api.model_info("alice/mixedcase").id == "alice/MixedCase"  # found, and the casing kept
+    api.upload_file(repo_id="ALICE/MIXEDCASE", path_or_fileobj=weights, path_in_repo="w.safetensors")
+    assert hub.files("alice/mixedcase")["w.safetensors"] == weights.read_bytes()
+    assert hub.repo_id("Alice/MIXEDcase") == "alice/MixedCase" and api.repo_exists("alice/MIXEDCASE")
+    with pytest.raises(HfHubHTTPError) as e:
+        api.create_repo("alice/mixedCASE")
+    assert e.value.response.status_code == 409
+    assert api.create_repo("alice/mixedcase", exist_ok=True).repo_id == "alice/MixedCase"
+    path = api.hf_hub_download("Alice/MIXEDcase", "w.safetensors", cache_dir=tmp_path / "c")
+    assert open(path, "rb").read() == weights.read_bytes()
+
+
+def test_file_size_limit(tmp_path, transfer):
+    with FakeHub(users={"alice": ALICE}, max_file_size=100_000) as hub:
+        api = HfApi(endpoint=hub.url, token=ALICE)
+        api.create_repo("alice/m")
+        (tmp_path / "ok.bin").write_bytes(os.urandom(100_000))
+        (tmp_path / "big.bin").write_bytes(os.urandom(100_001))
+        api.upload_file(repo_id="alice/m", path_or_fileobj=tmp_path / "ok.bin", path_in_repo="ok.bin")
+        hub.reset_counters()
+        with pytest.raises(HfHubHTTPError) as e:
+            api.upload_file(repo_id="alice/m", path_or_fileobj=tmp_path / "big.bin", path_in_repo="big.bin")
+        assert e.value.response.status_code == 400 and "Maximum individual file size is 100000 bytes" in str(e.value)
+        assert hub.bytes_uploaded == 0 and "big.bin" not in hub.files("alice/m")
+        r = httpx.post(f"{hub.url}/alice/m.git/info/lfs/objects/batch", headers=AUTH,
+                       json={"operation": "upload", "objects": [{"oid": "0" * 64, "size": 10 ** 6}]})
+        assert r.json()["objects"][0]["error"]["code"] == 422
+    with FakeHub() as hub:
+        assert hub.max_file_size == 50 * 1000 ** 3 and "50.0GB" in hub._too_large(50 * 1000 ** 3 + 1)
 
 
 def test_seed_repo_revisions(hub, api, tmp_path):

@@ -1,5 +1,7 @@
 """End to end against the local Hub server, through the real huggingface_hub client:
-one atomic commit, idempotent re-runs, pull requests, faults and retries, and the token."""
+one atomic commit, idempotent re-runs, pull requests, faults and retries, and the token.
+
+Each test runs with the client uploading through Xet (its default) and, in the slow run, through LFS."""
 
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ EDGE_FILES = {"Phi-3-tiny-test-Q4_K_M.gguf", "Phi-3-tiny-test-Q8_0.gguf", "Phi-3
               "README.md", "validation.json", "hubbot.json"}
 REPO = f"{USER}/Phi-3-tiny-test-GGUF"
 
+pytestmark = [pytest.mark.usefixtures("transfer"),
+              pytest.mark.parametrize("transfer", ["xet", pytest.param("lfs", marks=pytest.mark.slow)], indirect=True)]
+
 
 @pytest.fixture
 def seeded(hub_env, tiny_phi3, monkeypatch):
@@ -38,7 +43,7 @@ def hubbot_commits(hub, repo=REPO):
     return [c for c in hub.commits(repo) if c.title.startswith("hubbot:")]
 
 
-def test_publish_from_hub_source_in_one_commit(seeded, tmp_path):
+def test_publish_from_hub_source_in_one_commit(seeded, tmp_path, transfer):
     hub, source_sha = seeded
     result = publish()
     assert result.exit_code == 0, result.output
@@ -46,6 +51,9 @@ def test_publish_from_hub_source_in_one_commit(seeded, tmp_path):
     files = hub.files(REPO)
     assert EDGE_FILES <= set(files)
     assert set(files) - EDGE_FILES <= {".gitattributes"}
+    ggufs = {p for p in EDGE_FILES if p.endswith(".gguf")}
+    assert set(hub.xet_files(REPO)) == (ggufs if transfer == "xet" else set())  # the path really taken
+    assert (hub.cas.xorb_bytes_received > 0) == (transfer == "xet")
 
     manifest = json.loads(files["hubbot.json"])
     assert manifest["source"] == {"spec": f"{SOURCE_REPO}@main", "repo": SOURCE_REPO, "commit": source_sha}
@@ -100,10 +108,12 @@ def test_pr_flag_opens_a_pull_request_on_an_existing_repo(seeded):
 def test_force_with_identical_output_makes_no_commit(seeded):
     hub, _ = seeded
     assert publish().exit_code == 0
+    hub.reset_counters()
     result = publish("--force")
     assert result.exit_code == 0, result.output
     assert "nothing changed" in result.stderr
     assert len(hubbot_commits(hub)) == 1
+    assert hub.bytes_uploaded == 0  # the files went through the upload path again, and nothing was sent
 
 
 def test_commit_fault_leaves_repo_untouched_and_next_run_completes(seeded):
@@ -159,3 +169,18 @@ def test_commit_that_landed_but_lost_its_answer_is_not_repeated(seeded):
     assert result.exit_code == 0, result.output
     assert "had landed" in result.stderr
     assert len(hubbot_commits(hub)) == 1
+
+
+def test_storage_fault_exits_1_and_leaves_repo_untouched(seeded, transfer):
+    """The CAS failing every xorb upload: hf_xet retries, hubbot retries, then exit 1 with one line
+    (recovery once the CAS is back: tests/test_hubserver_xet.py, at HubTarget level)."""
+    if transfer == "lfs":
+        pytest.skip("no CAS on the LFS path; its commit faults are the tests above")
+    hub, _ = seeded
+    hub.inject(method="POST", path=r"^/cas/v1/xorbs/", status=500, times=1000)
+    result = publish()
+    assert result.exit_code == 1
+    assert "Xet storage answered HTTP 500" in result.stderr and "nothing was committed" in result.stderr
+    assert "Traceback" not in result.output and SENTINEL_TOKEN not in result.output
+    assert hubbot_commits(hub) == [] and hub.cas.files_registered == []
+    assert len([r for r in hub.requests if r[1].startswith("/cas/v1/xorbs/")]) >= 4 * 4  # 4 commits x 4 tries
