@@ -275,7 +275,7 @@ def test_hub_target_retries_a_transient_xet_failure(hub, staged):
     result = hub_target(hub, logs).push("alice/w", staged, "hubbot: w", "")
     assert result.commit == hub.commits("alice/w")[-1].oid and set(hub.xet_files("alice/w")) == {"w.gguf"}
     assert [s for m, p, s in hub.requests if p.startswith("/cas/v1/xorbs/")] == [500] * 4 + [200]
-    assert any("transient failure, retry 1/2" in line for line in logs)
+    assert any("Xet storage" in line and "retry 1/2" in line for line in logs)
 
 
 def test_hub_target_gives_up_on_a_persistent_xet_failure(hub, staged):
