@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from tests.hubserver import take_fault
+
 ACTIONS = ("stall", "drop", "stall_after", "drop_after", "forward")
 
 
@@ -140,13 +142,7 @@ class FaultProxy:
 
     def _take(self, method: str, target: str) -> ProxyFault | None:
         with self._lock:
-            for f in self._faults:
-                if f.method in (None, method) and f.path.search(target):
-                    f.seen += 1
-                    if f.seen > f.skip and f.fired < f.times:
-                        f.fired += 1
-                        return f
-        return None
+            return take_fault(self._faults, method, target)
 
     # -- serving
     def _accept_loop(self) -> None:

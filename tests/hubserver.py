@@ -279,6 +279,18 @@ class Fault:
     fired: int = 0
 
 
+def take_fault(faults: list, method: str, target: str):
+    """The first fault matching ``method`` and ``target`` that is due (past its ``skip``, within its
+    ``times``), counted as fired; None when none is. Shared with tests/faultproxy.py."""
+    for f in faults:
+        if f.method in (None, method) and f.path.search(target):
+            f.seen += 1
+            if f.seen > f.skip and f.fired < f.times:
+                f.fired += 1
+                return f
+    return None
+
+
 class HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None, **extra):
         super().__init__(message)
@@ -549,13 +561,7 @@ class FakeHub:
 
     def _take_fault(self, method: str, target: str) -> Fault | None:
         with self._lock:
-            for f in self._faults:
-                if f.method in (None, method) and f.path.search(target):
-                    f.seen += 1
-                    if f.seen > f.skip and f.fired < f.times:
-                        f.fired += 1
-                        return f
-        return None
+            return take_fault(self._faults, method, target)
 
     # -- HTTP plumbing
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
