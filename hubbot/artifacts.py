@@ -133,7 +133,9 @@ def publish_builds(builds: list[VariantBuild], families: dict[str, Family], targ
         raise UsageError(f"the builds are of family '{first['family']}', which no recipe file defines")
     family = families[first["family"]]
     source = SourceInfo(**first["source"])
-    plan = make_plan(_source_ref(source, family), family.recipe(first["recipe"]), first["parameters"])
+    # the source's own config, so the plan drops exactly what the build jobs' plans dropped
+    plan = make_plan(_source_ref(source, family), family.recipe(first["recipe"]), first["parameters"],
+                     source.config or None)
     by_variant = {b.variant_id: b for b in builds}
     return run_each([(repo.repo_id(target.namespace),
                       lambda repo=repo: _publish_repo(plan, repo, source, by_variant, target, log, force))
