@@ -166,3 +166,21 @@ def test_publish_workflow_preuploads_from_the_build_jobs_except_in_a_dry_run():
     assert 'if [ "${DRY_RUN}" != "true" ]; then' in build_run and "args+=(--preupload)" in build_run
     publish_run = next(s["run"] for s in jobs["publish"]["steps"] if "hubbot publish" in s.get("run", ""))
     assert "--from-artifacts" in publish_run and "--preupload" not in publish_run
+
+
+def test_a_variant_that_failed_validation_is_never_preuploaded(hub_env, tiny_phi3, tmp_path):
+    """The renamed tiny model fails GGUF validation (see test_validate): its build job pre-uploads nothing,
+    creates no repo, and keeps its files and report in the build folder."""
+    import shutil
+
+    renamed = tmp_path / "renamed-model"
+    shutil.copytree(tiny_phi3, renamed)
+    out = tmp_path / "built" / "gguf-Q4_K_M"
+    result = CliRunner().invoke(main, ["build", str(renamed), "--recipe", "edge-gguf", "--variant", "gguf-Q4_K_M",
+                                       "--out", str(out), "--preupload"])
+    assert result.exit_code == 1, result.output
+    data = json.loads((out / BUILD_FILE).read_text())
+    assert data["result"]["report"]["passed"] is False and "preupload" not in data
+    assert all((out / "files" / f).is_file() for f in data["result"]["files"])
+    assert not hub_env.repo_exists(f"{USER}/renamed-model-GGUF")
+    assert not [r for r in hub_env.requests if "/preupload/" in r[1] or "/lfs-upload/" in r[1]]
