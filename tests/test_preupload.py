@@ -130,6 +130,9 @@ def test_a_build_killed_before_its_preupload_and_a_blob_missing_on_the_hub_each_
     # F16 rebuilt and pre-uploaded, but Q8_0's blob is not in the repo's storage (lost, or never sent):
     # the Hub refuses the one commit whole
     assert build("gguf-F16", "--preupload").exit_code == 0
+    result = runner.invoke(main, ["publish", "--from-artifacts", str(built), "--namespace", "someone-else"])
+    assert result.exit_code == 1 and "pre-uploaded to another repo" in result.stderr, result.output
+    assert not hub.repo_exists("someone-else/Phi-3-tiny-fanout-GGUF")
     q8 = json.loads((built / "gguf-Q8_0" / BUILD_FILE).read_text())["preupload"]["files"]
     del hub.lfs[repo_key("model", REPO)][q8["Phi-3-tiny-fanout-Q8_0.gguf"]["sha256"]]
     hub.reset_counters()

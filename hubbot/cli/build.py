@@ -53,10 +53,9 @@ def build(obj, source: str, variant_id: str, recipe_name: str | None, family: st
     With --preupload, build.json is written only once the pre-upload is done: a job stopped before has no
     build.json, and the publish job publishes nothing of that repo.
 
-    Exit codes: 0 built and passed, 1 it failed validation (the folder still records why) or the pre-upload
-    failed,
-    2 bad input or too big for this machine (checked before anything is downloaded; --no-preflight
-    skips it), 3 a format's extra is not installed.
+    Exit codes: 0 built and passed, 1 it failed validation (the folder still records why) or its
+    pre-upload failed, 2 bad input or too big for this machine (checked before anything is downloaded;
+    --no-preflight skips it), 3 a format's extra is not installed.
     """
     api = make_api(endpoint)
     if namespace and not preupload:
