@@ -7,6 +7,13 @@ variant's files at their paths in the repo). Publishing re-plans the recipe offl
 every variant of a repo is there and passed, and stages and pushes each repo exactly as a
 single-machine ``hubbot publish`` does (same record, so the same card, validation.json and
 hubbot.json).
+
+With ``--preupload`` a build job that passed uploads its LFS/Xet files to the target repo's storage
+without committing, records their paths, sha256 and sizes in build.json and drops them from
+``files/`` (only the small files the Hub takes inline travel in the artifact). build.json is written
+after the pre-upload: a job killed before it leaves no build.json, so its repo is not published. The
+publish job then commits those blobs by reference, in the same one commit, uploading no model bytes;
+a blob missing from the repo's storage makes the Hub refuse that commit whole.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ from .pipeline import (
     up_to_date,
 )
 from .plan import Plan, RepoPlan, make_plan
-from .publish import Target
+from .publish import HubTarget, Target
 from .recipe import Family
-from .record import BUILD_FILE, RepoRecord, SourceInfo, VariantResult, build_json
+from .record import BUILD_FILE, RepoRecord, SourceInfo, VariantResult, build_json, preuploaded_files
 from .reference import LazyReference
 from .source import SourceRef
 
@@ -59,11 +66,18 @@ class VariantBuild:
     def passed(self) -> bool:
         return bool(self.data["result"]["report"]["passed"])
 
+    @property
+    def preupload_repo(self) -> str | None:
+        """The Hub repo this build pre-uploaded its large files to (None: all its files are here)."""
+        return (self.data.get("preupload") or {}).get("repo_id")
+
 
 def build_variant(spec: str, recipe_name: str | None, variant_id: str, out: Path, families: dict[str, Family],
                   family: str | None = None, api: Any = None, log: Log = print,
-                  workdir: Path | None = None, reference_file: Path | None = None) -> VariantBuild:
-    """Build and validate ONE variant of SOURCE × RECIPE into ``out``."""
+                  workdir: Path | None = None, reference_file: Path | None = None,
+                  preupload: HubTarget | None = None) -> VariantBuild:
+    """Build and validate ONE variant of SOURCE × RECIPE into ``out``; with ``preupload`` (the Hub the
+    publish job will commit to), a variant that passed has its large files uploaded to its repo there."""
     ref, recipe = select(spec, recipe_name, families, family)
     offline = make_plan(ref, recipe)
     _check_buildable(offline, variant_id)
@@ -83,13 +97,24 @@ def build_variant(spec: str, recipe_name: str | None, variant_id: str, out: Path
         results = build_and_validate(backend, [variant], snapshot, out / "files", tmp, reference, log)
     record = RepoRecord(repo.name, plan, repo, SourceInfo.from_snapshot(snapshot), results, reference.summary(),
                         backend.tool_versions())
-    text = build_json(record, variant_id)
-    (out / BUILD_FILE).write_text(text)
-    build = VariantBuild(out, json.loads(text))
     report = results[variant_id].report
     verdict = "passed" if report["passed"] else "FAILED: " + "; ".join(report["reasons"])
     log(f"{variant_id}: built into {out} — {verdict}")
-    return build
+    repo_id = repo.repo_id(preupload.namespace) if preupload and report["passed"] else None
+    blobs = _preupload(preupload, repo_id, out / "files", results[variant_id].files, log) if repo_id else None
+    text = build_json(record, variant_id, blobs, repo_id)
+    (out / BUILD_FILE).write_text(text)
+    for rel in blobs or {}:  # on the Hub now: the artifact carries only the small files
+        (out / "files" / rel).unlink()
+    return VariantBuild(out, json.loads(text))
+
+
+def _preupload(hub: HubTarget, repo_id: str, files: Path, paths: list[str], log: Log) -> dict:
+    log(f"pre-uploading {len(paths)} file(s) to {hub.describe(repo_id)} (no commit)")
+    blobs = hub.preupload(repo_id, files, paths)
+    log(f"pre-uploaded {len(blobs)} file(s), {sum(b.size for b in blobs.values())} bytes, to {repo_id}; "
+        f"{len(paths) - len(blobs)} small file(s) stay in the build folder")
+    return blobs
 
 
 def _check_buildable(plan: Plan, variant_id: str) -> None:
@@ -153,15 +178,26 @@ def _publish_repo(plan: Plan, repo: RepoPlan, source: SourceInfo, by_variant: di
     tools = builds[0].data["tools"]
     if any(b.data["tools"] != tools for b in builds):
         return RepoOutcome(repo_id, "failed", message="the variants were built with different tool versions")
+    elsewhere = [f"{b.variant_id} to {b.preupload_repo}" for b in builds if b.preupload_repo not in (None, repo_id)]
+    if elsewhere:
+        return RepoOutcome(repo_id, "failed", message=f"pre-uploaded to another repo: {', '.join(elsewhere)}; "
+                                                      f"publish under the namespace the builds used")
     record = RepoRecord(repo_id, plan, repo, source, {b.variant_id: b.result for b in builds},
                         builds[0].data["reference"], tools)
     if not record.failed and up_to_date(target, repo_id, record.key, plan=plan, repo=repo, commit=source.commit,
                                         force=force, log=log):
         return RepoOutcome(repo_id, "up-to-date")
+    preuploaded = {p: blob for b in builds for p, blob in preuploaded_files(b.data).items()}
     with tempfile.TemporaryDirectory(prefix="hubbot-") as tmp:
         repo_dir = Path(tmp)
         for b in builds:
             for rel in b.data["result"]["files"]:
-                (repo_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(b.folder / "files" / rel, repo_dir / rel)
-        return publish_staged(target, stage_repo(record, repo_dir), log)
+                if rel not in preuploaded:
+                    (repo_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(b.folder / "files" / rel, repo_dir / rel)
+        return publish_staged(target, stage_repo(record, repo_dir, preuploaded), log)
+
+
+def preuploaded_builds(builds: list[VariantBuild]) -> list[VariantBuild]:
+    """The builds whose large files are on the Hub, not in their folder."""
+    return [b for b in builds if b.preupload_repo]

@@ -22,7 +22,7 @@ from .errors import BuildError, HubbotError, HubUnreachable, UnsupportedSource
 from .hub import transport_failure, unreachable
 from .paths import cache_root
 from .plan import Plan, RepoPlan, Variant, count_parameters, make_plan
-from .publish import REPORT, PushResult, Target
+from .publish import REPORT, Preuploaded, PushResult, Target
 from .recipe import Family, Recipe
 from .record import RepoRecord, SourceInfo, VariantResult, repo_key
 from .reference import LazyReference
@@ -54,6 +54,7 @@ class StagedRepo:
 
     record: RepoRecord
     folder: Path
+    preuploaded: Preuploaded = field(default_factory=dict)  # files already in the Hub repo's storage, not here
 
 
 def select(spec: str, recipe_name: str | None, families: dict[str, Family],
@@ -111,10 +112,11 @@ def build_and_validate(backend: Backend, variants: Sequence[Variant], snapshot: 
     return results
 
 
-def stage_repo(record: RepoRecord, repo_dir: Path) -> StagedRepo:
-    """Write the record's card, validation.json and hubbot.json beside the variants' files."""
-    record.write(repo_dir)
-    return StagedRepo(record, repo_dir)
+def stage_repo(record: RepoRecord, repo_dir: Path, preuploaded: Preuploaded | None = None) -> StagedRepo:
+    """Write the record's card, validation.json and hubbot.json beside the variants' files (and the
+    ``preuploaded`` ones, which are on the Hub already)."""
+    record.write(repo_dir, preuploaded)
+    return StagedRepo(record, repo_dir, dict(preuploaded or {}))
 
 
 def publish_staged(target: Target, staged: StagedRepo, log: Log) -> RepoOutcome:
@@ -127,7 +129,8 @@ def publish_staged(target: Target, staged: StagedRepo, log: Log) -> RepoOutcome:
         log(f"{repo_id}: NOT published — failed validation: {names}; report kept in {kept}")
         return RepoOutcome(repo_id, "failed", reports, message=f"failed validation: {names}")
     log(f"{repo_id}: all {len(reports)} variants passed; publishing to {target.describe(repo_id)}")
-    push = target.push(repo_id, staged.folder, record.commit_message, record.commit_description)
+    push = target.push(repo_id, staged.folder, record.commit_message, record.commit_description,
+                       preuploaded=staged.preuploaded)
     if push.up_to_date:
         log(f"{repo_id}: up to date: a concurrent run published this build first; no commit")
         return RepoOutcome(repo_id, "up-to-date", reports, push)

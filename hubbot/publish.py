@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +56,20 @@ def folder_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+@dataclass(frozen=True)
+class Blob:
+    """A file already in the target repo's LFS/Xet storage (pre-uploaded by a build job), not yet committed."""
+
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size}
+
+
+Preuploaded = Mapping[str, Blob]  # path in the repo -> its pre-uploaded blob
+
+
 class Target(Protocol):
     """Where staged repos go: the Hub (``HubTarget``) or a local folder (``FolderTarget``)."""
 
@@ -65,7 +79,8 @@ class Target(Protocol):
 
     def current_manifest(self, repo_id: str) -> dict[str, Any] | None: ...
 
-    def push(self, repo_id: str, folder: Path, message: str, description: str) -> PushResult: ...
+    def push(self, repo_id: str, folder: Path, message: str, description: str,
+             preuploaded: Preuploaded | None = None) -> PushResult: ...
 
 
 class FolderTarget:
@@ -97,7 +112,11 @@ class FolderTarget:
         path = self._dest(repo_id) / MANIFEST
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def push(self, repo_id: str, folder: Path, message: str, description: str) -> PushResult:
+    def push(self, repo_id: str, folder: Path, message: str, description: str,
+             preuploaded: Preuploaded | None = None) -> PushResult:
+        if preuploaded:
+            raise UsageError(f"{repo_id}: {', '.join(sorted(preuploaded))} were pre-uploaded to the Hub by the build "
+                             f"jobs and are not here; publish to the Hub (no --out), or build without --preupload")
         dest = self._dest(repo_id)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with self._locked():
@@ -202,10 +221,11 @@ class HubTarget:
         except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
             return None
 
-    def push(self, repo_id: str, folder: Path, message: str, description: str) -> PushResult:
-        existed = self._with_retries(lambda: self.api.repo_exists(repo_id), f"read {repo_id}")
-        if not existed:
-            self._with_retries(lambda: self.api.create_repo(repo_id, exist_ok=True), f"create {repo_id}")
+    def push(self, repo_id: str, folder: Path, message: str, description: str,
+             preuploaded: Preuploaded | None = None) -> PushResult:
+        """Commit every file of ``folder``, and the ``preuploaded`` blobs at their paths, in ONE commit."""
+        preuploaded = dict(preuploaded or {})
+        existed = self._ensure_repo(repo_id)
         use_pr = self.create_pr and existed
         ours = json.loads((folder / MANIFEST).read_text()).get("key")
         files = folder_files(folder)
@@ -216,9 +236,9 @@ class HubTarget:
             if conflict and previous and previous.get("key") == ours:
                 self.log(f"{repo_id}: the commit now on main ({parent[:12]}) holds this very build; nothing to do")
                 return PushResult(repo_id, url, commit=parent, changed=False, up_to_date=True)
-            operations = _operations(folder, files, previous)
-            self.log(f"committing {len(files)} files to {repo_id}" + (" as a pull request" if use_pr else
-                                                                       f" on {parent[:12]}"))
+            operations = _operations(folder, files, previous, preuploaded)
+            where = " as a pull request" if use_pr else f" on {parent[:12]}"
+            self.log(f"committing {len(files) + len(preuploaded)} files to {repo_id}{where}")
             try:
                 landed = self._commit(repo_id, operations, message, description, parent, use_pr, ours)
             except _Conflict as e:
@@ -229,10 +249,36 @@ class HubTarget:
             if landed.oid == parent and not landed.pr_url:
                 return PushResult(repo_id, url, commit=parent, changed=False)
             return PushResult(repo_id, url, commit=landed.oid, pr_url=landed.pr_url,
-                              bytes=sum(f.stat().st_size for f in files), files=len(files))
+                              bytes=sum(f.stat().st_size for f in files) + sum(b.size for b in preuploaded.values()),
+                              files=len(files) + len(preuploaded))
         raise PublishError(f"commit to {repo_id}: other commits kept landing on main while hubbot committed "
                            f"({self.conflicts + 1} tries, each refused by the Hub as planned on an old commit); "
                            f"nothing of this build was committed; run again")
+
+    def _ensure_repo(self, repo_id: str) -> bool:
+        """Create the repo when it is missing; whether it existed."""
+        existed = self._with_retries(lambda: self.api.repo_exists(repo_id), f"read {repo_id}")
+        if not existed:
+            self._with_retries(lambda: self.api.create_repo(repo_id, exist_ok=True), f"create {repo_id}")
+        return existed
+
+    def preupload(self, repo_id: str, folder: Path, paths: list[str]) -> dict[str, Blob]:
+        """Upload the LFS/Xet files among ``paths`` (relative to ``folder``) to the repo's storage WITHOUT
+        committing (huggingface_hub's ``preupload_lfs_files``); a later ``push(..., preuploaded=)`` commits
+        them. The Hub decides which files are LFS; the small ones it would take inline are left out of the
+        answer (they must travel with the commit itself)."""
+        from huggingface_hub import CommitOperationAdd
+
+        self._ensure_repo(repo_id)
+
+        def upload() -> list[CommitOperationAdd]:
+            additions = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in paths]
+            self.api.preupload_lfs_files(repo_id, additions=additions)
+            return additions
+
+        additions = self._with_retries(upload, f"pre-upload to {repo_id}")
+        return {a.path_in_repo: Blob(a.upload_info.sha256.hex(), a.upload_info.size) for a in additions
+                if a._upload_mode == "lfs" and a._is_uploaded and not a._should_ignore}
 
     def _head(self, repo_id: str) -> str:
         return self._with_retries(lambda: self.api.model_info(repo_id).sha, f"read {repo_id}")
@@ -391,16 +437,34 @@ class HubTarget:
         raise AssertionError("unreachable")
 
 
-def _operations(folder: Path, files: list[Path], previous: dict[str, Any] | None) -> list:
-    """Add every staged file; delete the files the previous hubbot.json lists that this build no longer has
-    (only files hubbot put there)."""
+def _operations(folder: Path, files: list[Path], previous: dict[str, Any] | None,
+                preuploaded: Preuploaded | None = None) -> list:
+    """Add every staged file and every pre-uploaded blob; delete the files the previous hubbot.json lists
+    that this build no longer has (only files hubbot put there)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    new_paths = {f.relative_to(folder).as_posix() for f in files}
+    staged = {f.relative_to(folder).as_posix() for f in files}
+    preuploaded = preuploaded or {}
+    new_paths = staged | set(preuploaded)
     operations: list[Any] = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p))
-                             for p in sorted(new_paths)]
+                             if p in staged else _preuploaded_addition(p, preuploaded[p]) for p in sorted(new_paths)]
     stale = set((previous or {}).get("files", {})) - new_paths
     return operations + [CommitOperationDelete(path_in_repo=p) for p in sorted(stale)]
+
+
+def _preuploaded_addition(path: str, blob: Blob):
+    """A CommitOperationAdd for a blob already in the repo's storage, marked the way huggingface_hub's
+    ``preupload_lfs_files`` leaves its operations (uploaded, LFS, content freed): create_commit then sends
+    only its ``lfsFile`` line (path, sha256, size), and the Hub refuses the commit (422) when the blob is
+    not in that repo's storage."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.lfs import UploadInfo
+
+    addition = CommitOperationAdd(path_in_repo=path, path_or_fileobj=b"")
+    addition.upload_info = UploadInfo(size=blob.size, sample=b"", sha256=bytes.fromhex(blob.sha256))
+    addition._upload_mode = "lfs"
+    addition._is_uploaded = True
+    return addition
 
 
 def _status(error) -> int | None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import __version__
 from .backends import get_backend
 from .plan import Plan, RepoPlan, Variant
-from .publish import MANIFEST, REPORT, file_digest, folder_files
+from .publish import MANIFEST, REPORT, Blob, Preuploaded, file_digest, folder_files
 from .recipe import stable_hash
 from .source import Snapshot
 
@@ -134,9 +134,13 @@ class RepoRecord:
 
         return render_card(self)
 
-    def manifest_json(self, repo_dir: Path) -> str:
-        files = {f.relative_to(repo_dir).as_posix(): {"sha256": file_digest(f), "size": f.stat().st_size}
-                 for f in folder_files(repo_dir) if f.name != MANIFEST or f.parent != repo_dir}
+    def manifest_json(self, repo_dir: Path, preuploaded: Preuploaded | None = None) -> str:
+        """hubbot.json: provenance and every file's digest, those in ``repo_dir`` and those ``preuploaded``
+        to the Hub by the build jobs alike (in path order either way: the same bytes as a one-machine build)."""
+        here = {f.relative_to(repo_dir).as_posix(): {"sha256": file_digest(f), "size": f.stat().st_size}
+                for f in folder_files(repo_dir) if f.name != MANIFEST or f.parent != repo_dir}
+        merged = {**here, **{p: b.to_dict() for p, b in (preuploaded or {}).items()}}
+        files = {p: merged[p] for p in sorted(merged, key=lambda p: PurePosixPath(p).parts)}
         return json.dumps({
             "hubbot": __version__, "key": self.key,
             "source": {"spec": self.source.public_name, "repo": self.source.base_model, "commit": self.source.commit},
@@ -145,22 +149,34 @@ class RepoRecord:
             "tools": self.tools, "variants": [v.id for v in self.repo.variants], "files": files,
         }, indent=2)
 
-    def write(self, repo_dir: Path) -> None:
+    def write(self, repo_dir: Path, preuploaded: Preuploaded | None = None) -> None:
         """validation.json, README.md and hubbot.json beside the variants' files (the manifest last: it
-        lists every other file's digest)."""
+        lists every other file's digest, and the ``preuploaded`` ones')."""
         (repo_dir / REPORT).write_text(self.validation_json())
         (repo_dir / "README.md").write_text(self.card())
-        (repo_dir / MANIFEST).write_text(self.manifest_json(repo_dir))
+        (repo_dir / MANIFEST).write_text(self.manifest_json(repo_dir, preuploaded))
 
     @property
     def backend(self):
         return get_backend(self.repo.format)
 
 
-def build_json(record: RepoRecord, variant_id: str) -> str:
-    """build.json of a one-variant build job: its share of the repo's record."""
-    return json.dumps({
+def build_json(record: RepoRecord, variant_id: str, preuploaded: Preuploaded | None = None,
+               preuploaded_to: str | None = None) -> str:
+    """build.json of a one-variant build job: its share of the repo's record, and, when the job pre-uploaded
+    its large files to the Hub (``preuploaded_to``, a repo id), each one's path, sha256 and size: those
+    files are not in the build folder, the publish job commits them by reference."""
+    data = {
         "hubbot": __version__, "family": record.plan.source.family.name, "recipe": record.plan.recipe.name,
         "parameters": record.plan.parameters, "repo": record.repo.name, "source": asdict(record.source),
         "result": record.results[variant_id].to_dict(), "reference": record.reference, "tools": record.tools,
-    }, indent=2, default=str)
+    }
+    if preuploaded_to:
+        data["preupload"] = {"repo_id": preuploaded_to,
+                             "files": {p: b.to_dict() for p, b in sorted((preuploaded or {}).items())}}
+    return json.dumps(data, indent=2, default=str)
+
+
+def preuploaded_files(data: dict[str, Any]) -> dict[str, Blob]:
+    """The pre-uploaded files a build.json records (none for a build that carries all its files)."""
+    return {p: Blob(f["sha256"], int(f["size"])) for p, f in (data.get("preupload") or {}).get("files", {}).items()}

@@ -9,7 +9,7 @@ import click
 from .. import actions, preflight
 from ..errors import HubbotError, UsageError
 from ..pipeline import Publisher, RepoOutcome, prepare, select
-from ..publish import make_api
+from ..publish import FolderTarget, make_api
 from ._options import (
     create_pr_option,
     endpoint_option,
@@ -89,10 +89,15 @@ def publish(obj, source: str | None, recipe_name: str | None, family: str | None
 
 
 def _from_artifacts(obj, folder: Path, target, force: bool) -> None:
-    from ..artifacts import load_builds, publish_builds
+    from ..artifacts import load_builds, preuploaded_builds, publish_builds
 
     builds = load_builds(folder)
     progress(f"{len(builds)} variant build(s) in {folder}")
+    remote = preuploaded_builds(builds)
+    if remote and isinstance(target, FolderTarget):
+        raise UsageError(f"{', '.join(b.variant_id for b in remote)}: built with --preupload, so the large files "
+                         f"are on the Hub ({remote[0].preupload_repo}), not in {folder}; publish to the Hub "
+                         f"(without --out), or build without --preupload for a local preview")
     _finish(publish_builds(builds, obj.families(), target, log=progress, force=force))
 
 
