@@ -158,34 +158,32 @@ class FormatError(ValueError):
     """A xorb or shard that does not parse; the CAS answers 400 with the message."""
 
 
+def _lz4_length(src: bytes, i: int, length: int) -> tuple[int, int]:
+    """A sequence's literal or match length: its 4-bit nibble, extended by bytes while they are 255."""
+    if length == 15:
+        while True:
+            b = src[i]
+            i += 1
+            length += b
+            if b != 255:
+                break
+    return length, i
+
+
 def lz4_block(src: bytes, out: bytearray) -> None:
     """Decode one LZ4 block, appending to ``out`` (earlier output serves as the match window)."""
     i, n = 0, len(src)
     while i < n:
         token = src[i]
         i += 1
-        length = token >> 4
-        if length == 15:
-            while True:
-                b = src[i]
-                i += 1
-                length += b
-                if b != 255:
-                    break
+        length, i = _lz4_length(src, i, token >> 4)
         out += src[i:i + length]
         i += length
         if i >= n:
             return  # the last sequence carries literals only
         offset = src[i] | (src[i + 1] << 8)
         i += 2
-        length = token & 15
-        if length == 15:
-            while True:
-                b = src[i]
-                i += 1
-                length += b
-                if b != 255:
-                    break
+        length, i = _lz4_length(src, i, token & 15)
         length += 4
         start = len(out) - offset
         if offset == 0 or start < 0:
