@@ -15,7 +15,6 @@ memory when a container limit is lower), else macOS's ``hw.memsize``. Free disk:
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,12 +30,11 @@ from .card import human_size
 from .errors import UsageError
 from .plan import Plan, Variant, make_plan, parameters_by_dtype
 from .recipe import Recipe
+from .runners import parse_size
 from .source import SourceRef, read_config
 
 MEMORY_ENV = "HUBBOT_AVAILABLE_MEMORY"
 DISK_ENV = "HUBBOT_FREE_DISK"
-UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-         "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 Log = Callable[[str], None]
 
 
@@ -213,11 +211,12 @@ def hub_cache_dir() -> Path:
 
 # ------------------------------------------------------------------------------- the machine
 def parse_bytes(text: str, name: str) -> int:
-    """``25769803776``, ``24GB`` (10^9), ``24GiB`` (2^30), ``512M``."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"{name}={text!r} is not a size: give bytes or a number with a unit, e.g. 24GB or 16GiB")
-    return int(float(m[1]) * UNITS[(m[2] or "").lower()])
+    """An environment variable's size: ``runners.parse_size``, as a UsageError naming the variable."""
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r} is not a size: give bytes or a number with a unit, e.g. 24GB or 16GiB") \
+            from None
 
 
 def available_memory() -> int | None:
