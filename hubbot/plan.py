@@ -37,6 +37,10 @@ class Variant:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def file_bytes(self, parameters: int) -> int:
+        """The estimated size of this variant's files for a source of ``parameters`` parameters."""
+        return int(parameters * self.bits_per_weight / 8)
+
 
 @dataclass(frozen=True)
 class Dropped:
@@ -99,7 +103,7 @@ class Plan:
     def estimated_bytes(self, variant: Variant) -> int | None:
         if not self.parameters:
             return None
-        return int(self.parameters * variant.bits_per_weight / 8)
+        return variant.file_bytes(self.parameters)
 
     def to_json(self, namespace: str, estimates: dict[str, dict[str, Any]] | None = None, **extra: Any) -> str:
         """``estimates``: more fields per variant id (the preflight's); ``extra``: more top-level fields."""
@@ -197,7 +201,7 @@ def over_hub_file_limit(variant: Variant, parameters: int | None) -> str | None:
 
     if variant.format not in WEIGHTS_FILE or not parameters:
         return None
-    size = int(parameters * variant.bits_per_weight / 8)
+    size = variant.file_bytes(parameters)
     if size <= HUB_FILE_LIMIT:
         return None
     path = "/".join(p for p in (variant.path, WEIGHTS_FILE[variant.format]) if p)

@@ -144,12 +144,8 @@ def runtime_phase(variant: Variant, file_bytes: int) -> Phase:
     return Phase(cost.what, cost.ram(file_bytes, variant.native))
 
 
-def file_bytes(variant: Variant, parameters: int) -> int:
-    return int(parameters * variant.bits_per_weight / 8)
-
-
 def estimate_variant(plan: Plan, variant: Variant, parameters: int, dtype: str, reference: bool = True) -> Estimate:
-    output = file_bytes(variant, parameters)
+    output = variant.file_bytes(parameters)
     build_steps = steps(variant)
     build = max((Phase(s.what, costs.PROCESS_BYTES + s.ram(parameters)) for s in build_steps),
                 key=lambda p: p.ram_bytes)
@@ -189,7 +185,7 @@ def estimate_run(plan: Plan, parameters: int, dtype: str, *, variant_ids: Iterab
                    if v.id in wanted}
     repos = [[v for v in r.variants if v.id in wanted] for r in plan.repos]
     repos = [vs for vs in repos if vs]
-    outputs = [sum(file_bytes(v, parameters) for v in vs) for vs in repos]
+    outputs = [sum(v.file_bytes(parameters) for v in vs) for vs in repos]
     # one intermediate per format at a time; a repo's variants stay in the workdir until it is pushed
     intermediates = [max(s.disk(parameters) for v in vs for s in steps(v)) for vs in repos]
     disk = [DiskNeed("the working files", Path(workdir or tempfile.gettempdir()),
