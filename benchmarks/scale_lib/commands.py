@@ -44,9 +44,10 @@ def hubbot_build(model: Path, variant: dict, recipe: str, out: Path, work: Path)
                        "--out", str(out), "--workdir", str(work)])]
 
 
-def hubbot_publish(model: Path, recipe: str, out: Path, work: Path) -> list[tuple[str, list[str]]]:
+def hubbot_publish(model: Path, recipe: str, out: Path, work: Path,
+                   extra: tuple[str, ...] = ()) -> list[tuple[str, list[str]]]:
     return [("publish", [*HUBBOT, "publish", str(model), "--recipe", recipe, "--out", str(out),
-                         "--workdir", str(work)])]
+                         "--workdir", str(work), *extra])]
 
 
 def source_dtype(model: Path) -> str:

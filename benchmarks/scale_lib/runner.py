@@ -138,6 +138,6 @@ class Runner:
             time.sleep(1)
         return records
 
-    def publish(self) -> dict[str, Any]:
+    def publish(self, extra: tuple[str, ...] = ()) -> dict[str, Any]:
         return self.measure("publish", None, "publish", lambda out, work, env: (
-            commands.hubbot_publish(self.model, self.recipe, out, work), env))
+            commands.hubbot_publish(self.model, self.recipe, out, work, extra), env))
