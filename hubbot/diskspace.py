@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import preflight
 from .card import human_size
-from .errors import BuildError, HubbotError
+from .errors import BuildError, DiskFullError
 from .plan import Plan, parameters_by_dtype
 from .scratch import scratch_folder
 from .source import Snapshot
@@ -29,10 +29,6 @@ from .source import Snapshot
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as every tool prints it
 NEARLY_FULL = 1 << 20
 Log = Callable[[str], None]
-
-
-class DiskFullError(HubbotError):
-    """A disk filled up during the run; what had been written to temp folders was removed."""
 
 
 @dataclass(frozen=True)

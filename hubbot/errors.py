@@ -53,6 +53,10 @@ class PublishError(HubbotError):
     """The Hub refused or failed the push; the message says what is known of the repo's state."""
 
 
+class DiskFullError(HubbotError):
+    """A disk filled up during the run; what had been written to temp folders was removed."""
+
+
 class HubUnreachable(HubbotError):
     """The Hub could not be reached (DNS, refused, TLS, timeout, dropped connection): names the endpoint and
     the cause."""

@@ -6,17 +6,20 @@ only what the backends read (safetensors weights, configs, tokenizer files, the 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import HubbotError, UsageError
+from .errors import DiskFullError, HubbotError, UsageError
 from .recipe import Family
 
 SNAPSHOT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model",
@@ -220,6 +223,41 @@ def _folder_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def download_disk_guard(repo_id: str, commit: str, cache_dir: str | Path | None) -> Iterator[None]:
+    """A full disk while the source downloads becomes one DiskFullError line (exit 1), not a traceback.
+
+    huggingface_hub keeps what it had written as ``*.incomplete`` blobs and resumes them next time,
+    so nothing is removed; the message says where they are."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    cache = Path(cache_dir or HF_HUB_CACHE)
+    existing = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    try:
+        yield
+    except Exception as e:
+        if not _no_space(e):
+            raise
+        from .card import human_size
+
+        raise DiskFullError(f"no space left on the disk of {cache} while downloading the source "
+                            f"{repo_id}@{commit[:12]}: it had {human_size(free)} free when the download "
+                            f"started; the partial files stay in that cache for the next run to resume. Make "
+                            f"room there, or point HF_HUB_CACHE at a bigger disk") from None
+
+
+def _no_space(error: BaseException) -> bool:
+    """ENOSPC from a write of huggingface_hub's, or hf_xet's (a Rust error carrying the OS message)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(error):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _card_data(path: Path) -> dict[str, Any]:
     readme = path / "README.md"
     if not readme.is_file():
@@ -258,8 +296,9 @@ def fetch(ref: SourceRef, api: Any = None, cache_dir: Path | None = None) -> Sna
                 cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")
                 source_check.check_hub_weights(api, ref.repo_id, commit, (f.rfilename for f in info.siblings or []),
                                                f"{ref.repo_id}@{commit[:12]}", cache_dir)
-                path = Path(api.snapshot_download(ref.repo_id, revision=commit, allow_patterns=SNAPSHOT_PATTERNS,
-                                                  cache_dir=cache_dir))
+                with download_disk_guard(ref.repo_id, commit, cache_dir):
+                    path = Path(api.snapshot_download(ref.repo_id, revision=commit,
+                                                      allow_patterns=SNAPSHOT_PATTERNS, cache_dir=cache_dir))
             except RepositoryNotFoundError:
                 raise UsageError(f"source repo '{ref.repo_id}' not found on {api.endpoint} "
                                  f"(or it is private/gated and the token cannot read it)") from None

@@ -439,3 +439,23 @@ def test_full_disk_ends_the_run_with_one_line(namespaces, tiny_phi3, recipes, tm
     assert "Traceback" not in result.stderr
     assert left == []  # no scratch folder, no .staging-* left on the full disk
     assert list(work.iterdir()) == [] and not (out / "tiny-phi3-GGUF").exists()
+
+
+@pytest.mark.parametrize("transfer", ["xet", "lfs"], indirect=True)
+def test_full_disk_during_the_source_download_is_one_line(namespaces, hub_env, transfer, tiny_phi3, recipes,
+                                                          tmp_path):
+    """HF_HUB_CACHE on a 2 MB disk, a source of 9 MB: the download fails with ENOSPC part way."""
+    hub_env.seed_repo(SOURCE_REPO, {p.name: p for p in tiny_phi3.iterdir() if p.is_file()})
+    cache = tmp_path / "hf-cache"
+    # --no-preflight: the preflight would refuse up front; here the disk fills up during the download
+    command = hubbot("--recipes-dir", recipes, "publish", SOURCE_REPO, "--recipe", RECIPE,
+                     "--out", tmp_path / "out", "--workdir", tmp_path, "--no-preflight")
+    result, _ = on_small_disk("2m", cache, command, env=child_env(HF_HUB_CACHE=str(cache)), timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert re.fullmatch(rf"Error: no space left on the disk of {re.escape(str(cache))} while downloading the "
+                        rf"source {SOURCE_REPO}@[0-9a-f]{{12}}: it had ([\d.]+ [KM]?B) free when the download "
+                        r"started; the partial files stay in that cache for the next run to resume\. Make room "
+                        r"there, or point HF_HUB_CACHE at a bigger disk", line), line
+    assert not (tmp_path / "out").exists()
