@@ -258,6 +258,52 @@ def _no_space(error: BaseException) -> bool:
     return False
 
 
+def check_hub_source(ref: SourceRef, api: Any, cache_dir: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """Pin a Hub source to its commit and check it before any weights are downloaded (config.json,
+    the index and the safetensors headers, by ranged reads); return the commit and its config."""
+    from . import source_check
+
+    with reading_hub_source(ref, api, "read the source"):
+        info = api.model_info(ref.repo_id, revision=ref.revision)
+        config = source_check.check_hub_weights(api, ref.repo_id, info.sha,
+                                                (f.rfilename for f in info.siblings or []),
+                                                f"{ref.repo_id}@{info.sha[:12]}", cache_dir)
+    return info.sha, config
+
+
+@contextlib.contextmanager
+def reading_hub_source(ref: SourceRef, api: Any, doing: str) -> Iterator[None]:
+    """The Hub's answers about a source as one line each: not found, no such revision, a server
+    error to retry later, or (through ``hub.reaching``) no connection at all."""
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from .hub import reaching, transport_failure, underlying
+
+    with reaching(api.endpoint, f"{doing} {ref.repo_id}"):
+        try:
+            yield
+        except RepositoryNotFoundError:
+            raise UsageError(f"source repo '{ref.repo_id}' not found on {api.endpoint} "
+                             f"(or it is private/gated and the token cannot read it)") from None
+        except RevisionNotFoundError:
+            raise UsageError(f"source '{ref.repo_id}' has no revision '{ref.revision}'") from None
+        except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+            error = underlying(e)
+            if transport_failure(e) is not None:
+                raise  # a connection failure: ``reaching`` says so
+            status = error.response.status_code if isinstance(error, HfHubHTTPError) and \
+                error.response is not None else None
+            if status is not None and (status >= 500 or status == 429):
+                raise HubbotError(f"cannot read source '{ref.repo_id}' from {api.endpoint}: the Hub answered "
+                                  f"HTTP {status}; try again later") from None
+            raise UsageError(f"cannot read source '{ref.repo_id}': {error}") from None
+
+
 def _card_data(path: Path) -> dict[str, Any]:
     readme = path / "README.md"
     if not readme.is_file():
@@ -279,41 +325,12 @@ def fetch(ref: SourceRef, api: Any = None, cache_dir: Path | None = None) -> Sna
         source_check.check_folder(ref.path, ref.family)  # before hashing every byte of it
         path, commit = ref.path, "local:" + _folder_digest(ref.path)[:16]
     else:
-        from huggingface_hub.errors import (
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
-        from .hub import reaching, transport_failure, underlying
-
-        with reaching(api.endpoint, f"download the source {ref.repo_id}"):
-            try:
-                info = api.model_info(ref.repo_id, revision=ref.revision)
-                commit = info.sha
-                # HF_HUB_CACHE is read when huggingface_hub is imported; honour a later change too
-                cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")
-                source_check.check_hub_weights(api, ref.repo_id, commit, (f.rfilename for f in info.siblings or []),
-                                               f"{ref.repo_id}@{commit[:12]}", cache_dir)
-                with download_disk_guard(ref.repo_id, commit, cache_dir):
-                    path = Path(api.snapshot_download(ref.repo_id, revision=commit,
-                                                      allow_patterns=SNAPSHOT_PATTERNS, cache_dir=cache_dir))
-            except RepositoryNotFoundError:
-                raise UsageError(f"source repo '{ref.repo_id}' not found on {api.endpoint} "
-                                 f"(or it is private/gated and the token cannot read it)") from None
-            except RevisionNotFoundError:
-                raise UsageError(f"source '{ref.repo_id}' has no revision '{ref.revision}'") from None
-            except (HfHubHTTPError, LocalEntryNotFoundError) as e:
-                error = underlying(e)
-                if transport_failure(e) is not None:
-                    raise  # a connection failure: ``reaching`` says so
-                status = error.response.status_code if isinstance(error, HfHubHTTPError) and \
-                    error.response is not None else None
-                if status is not None and (status >= 500 or status == 429):
-                    raise HubbotError(f"cannot read source '{ref.repo_id}' from {api.endpoint}: the Hub answered "
-                                      f"HTTP {status}; try again later") from None
-                raise UsageError(f"cannot read source '{ref.repo_id}': {error}") from None
+        # HF_HUB_CACHE is read when huggingface_hub is imported; honour a later change too
+        cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")
+        commit, _ = check_hub_source(ref, api, cache_dir)
+        with reading_hub_source(ref, api, "download the source"), download_disk_guard(ref.repo_id, commit, cache_dir):
+            path = Path(api.snapshot_download(ref.repo_id, revision=commit, allow_patterns=SNAPSHOT_PATTERNS,
+                                              cache_dir=cache_dir))
         source_check.check_folder(path, ref.family)
     card = _card_data(path)
     license_ = card.get("license") or ref.license

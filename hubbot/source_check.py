@@ -354,9 +354,9 @@ def check_folder(folder: Path, family: Family | None = None, *, tokenizer: bool 
 
 
 def check_hub_weights(api: Any, repo_id: str, commit: str, files: Iterable[str], where: str,
-                      cache_dir: str | Path | None = None) -> None:
+                      cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Before downloading the weights of ``repo_id`` at ``commit``: its config.json, index and
-    safetensors headers (ranged reads), checked as a local folder's would be."""
+    safetensors headers (ranged reads), checked as a local folder's would be; returns the config."""
     from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError, SafetensorsParsingError
 
     files = set(files)
@@ -379,3 +379,4 @@ def check_hub_weights(api: Any, repo_id: str, commit: str, files: Iterable[str],
         check_index_tensors(meta.weight_map, tensors_by_file, where)
     check_shapes(config, {n: Tensor(f, list(t.shape)) for f, ts in tensors_by_file.items() for n, t in ts.items()},
                  where)
+    return config

@@ -382,10 +382,11 @@ def _seed(hub, repo: str, folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in folder.glob("*.safetensors")}
 
 
-def test_hub_source_with_a_config_that_disagrees_is_refused_before_the_download(tmp_path, hub_env):
+@pytest.mark.parametrize("command", ["publish", "plan"])
+def test_hub_source_with_a_config_that_disagrees_is_refused_before_the_download(command, tmp_path, hub_env):
     repo = "microsoft/Phi-4-tiny-wrong-config"
     sizes = _seed(hub_env, repo, edit_config(copy_model(tmp_path), hidden_size=512))
-    result = CliRunner().invoke(main, ["publish", repo, "--recipe", "edge-gguf"])
+    result = CliRunner().invoke(main, [command, repo, "--recipe", "edge-gguf"])
     assert_refused(result, hub_env, 2, [f"{repo}@", "/model.safetensors: tensor 'model.embed_tokens.weight' has "
                                         "shape [1024, 256]", "hidden_size is 512 in config.json, 256 in the weights"],
                    reads=HUB_READS)
@@ -393,12 +394,13 @@ def test_hub_source_with_a_config_that_disagrees_is_refused_before_the_download(
     assert hub_env.bytes_downloaded[f"{repo}/model.safetensors"] < sizes["model.safetensors"] / 2
 
 
-def test_hub_source_missing_a_shard_is_refused_before_the_download(tmp_path, hub_env):
+@pytest.mark.parametrize("command", ["publish", "plan"])
+def test_hub_source_missing_a_shard_is_refused_before_the_download(command, tmp_path, hub_env):
     repo = "microsoft/Phi-4-tiny-lost-shard"
     folder = sharded_model(tmp_path)
     (folder / "model-00002-of-00002.safetensors").unlink()
     sizes = _seed(hub_env, repo, folder)
-    result = CliRunner().invoke(main, ["publish", repo, "--recipe", "edge-gguf"])
+    result = CliRunner().invoke(main, [command, repo, "--recipe", "edge-gguf"])
     assert_refused(result, hub_env, 2, [f"{repo}@", "missing shard(s) model-00002-of-00002.safetensors: found 1 of 2"],
                    reads=HUB_READS)
     assert hub_env.bytes_downloaded.get(f"{repo}/model-00001-of-00002.safetensors", 0) < \

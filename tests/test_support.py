@@ -144,6 +144,22 @@ def test_plan_drops_what_a_tool_cannot_build_and_says_why(tmp_path):
     assert "onnx-gpu-int4-rtn-block-32" in built and "gguf-Q4_K_M" in built and "mlx-8bit" in built
 
 
+def test_plan_of_a_hub_repo_without_an_alias_drops_by_its_config(hub_env, tmp_path):
+    """No alias names its architecture: the plan reads config.json from the Hub (never the weights)."""
+    moe = _folder(tmp_path, "PhiMoEForCausalLM", "phimoe", max_position_embeddings=131072,
+                  original_max_position_embeddings=4096)
+    repo = "community/phimoe-clone"
+    hub_env.seed_repo(repo, {p.name: p for p in moe.iterdir()})
+    hub_env.reset_counters()
+    result = CliRunner().invoke(main, ["plan", repo, "--family", "phi", "--recipe", "edge", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["architecture"] == "PhiMoEForCausalLM"
+    assert {d["id"] for d in plan["dropped"]} == {"onnx-cpu-int4-rtn-block-32-acc-level-4", "onnx-cpu-fp32"}
+    weights = (moe / "model.safetensors").stat().st_size
+    assert hub_env.bytes_downloaded.get(f"{repo}/model.safetensors", 0) < weights / 2
+
+
 @pytest.mark.parametrize("command", ["plan", "publish", "build"])
 def test_a_source_nothing_can_be_built_of_is_refused_with_the_reason(tmp_path, command):
     small = _folder(tmp_path, "Phi3SmallForCausalLM", "phi3small")

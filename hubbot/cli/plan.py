@@ -11,7 +11,7 @@ from ..card import human_size
 from ..errors import UnsupportedSource
 from ..plan import make_plan
 from ..publish import make_api
-from ..source import read_config, resolve
+from ..source import check_hub_source, read_config, resolve
 from ._options import endpoint_option, family_option, recipe_option, valid_namespace
 from ._output import echo, handle_errors, progress, table
 
@@ -36,14 +36,17 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
     """Show the repos and variants SOURCE × RECIPE would produce, with estimated sizes, peak RAM and disk.
 
     SOURCE is a family alias (phi-4), a Hub repo id (microsoft/phi-4[@revision]) or a local folder.
-    Nothing is downloaded: sizes come from the safetensors headers (a local folder's, or a Hub
-    repo's read with ranged requests), RAM and disk from hubbot's cost table.
+    No weights are downloaded: the source is checked as a build would check it (config.json, the
+    index, the safetensors headers against the config: a Hub repo's read with ranged requests),
+    sizes come from those headers, RAM and disk from hubbot's cost table.
     """
     families = obj.families()
     ref = resolve(source, families, family)
     recipe = ref.family.recipe(recipe_name or ref.family.default_recipe)
-    size = _source_size(ref, endpoint)
-    the_plan = make_plan(ref, recipe, size.parameters if size else None, _local_config(ref))
+    api = None if ref.is_local else make_api(endpoint)
+    config = read_config(ref.path) if ref.is_local else check_hub_source(ref, api)[1]
+    size = _source_size(ref, api)
+    the_plan = make_plan(ref, recipe, size.parameters if size else None, config)
     estimates = preflight.estimate(the_plan, size.parameters, size.dtype) if size else {}
     if as_json:
         echo(_plan_json(the_plan, namespace, size, estimates))
@@ -88,14 +91,9 @@ def _github_matrix(the_plan, classes, namespace: str, size: preflight.SourceSize
     return json.dumps({"include": entries}, separators=(",", ":")), reference_runner
 
 
-def _local_config(ref) -> dict | None:
-    """A local folder's config.json (a Hub source's architecture comes from its alias, when it has one)."""
-    return read_config(ref.path) if ref.is_local else None
-
-
-def _source_size(ref, endpoint: str | None) -> preflight.SourceSize | None:
+def _source_size(ref, api) -> preflight.SourceSize | None:
     try:
-        return preflight.source_size(ref, None if ref.is_local else make_api(endpoint))
+        return preflight.source_size(ref, api)
     except preflight.SizeUnknown as e:
         progress(f"sizes unknown: {e}")
         return None
