@@ -108,6 +108,9 @@ def validate_variant(runtime: Runtime | None, reference: Reference, variant: Any
             report = judge(variant.id, variant.native, variant.min_agreement, results)
         finally:
             runtime.close()
+    if not report.passed and inspection.get("known_difference"):
+        # a runtime's own limit (e.g. mlx-lm's longrope), not the quantization: the failure says so
+        report.reasons.append(f"known cause: {inspection['known_difference']}")
     report.inspection = inspection
     report.seconds = round(time.monotonic() - started, 2)
     return report

@@ -190,17 +190,24 @@ def test_rope_parameters_only_source_matches_transformers(tiny_phi3, tmp_path):
 
 
 def test_longrope_difference_is_reported_and_is_only_the_factor(tiny_phi3, tmp_path):
-    """128k-context Phi: mlx-lm rotates with long_factor even on short prompts. The card says so;
-    with long_factor set to short_factor the same weights match transformers exactly."""
+    """128k-context Phi: mlx-lm rotates with long_factor even on short prompts. The card says so, a
+    variant that fails for it names the cause; with long_factor set to short_factor the same weights
+    match transformers exactly."""
     from hubbot.reference import TransformersRuntime
 
     short, long = [1.0] * 32, [1.0 + i / 8 for i in range(32)]
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
             "original_max_position_embeddings": 4096, "short_factor": short, "long_factor": long}
     source = transformers5_source(tiny_phi3, tmp_path / "tiny-phi3-longrope", rope, max_position_embeddings=131072)
-    recipes = write_recipes(tmp_path, [{"format": "mlx", "precision": "fp32", "min_agreement": 0.0}])
+    # fp32 with no threshold is published (to look at); fp16 at its usual threshold fails, saying why
+    recipes = write_recipes(tmp_path, [{"format": "mlx", "precision": "fp32", "min_agreement": 0.0},
+                                       {"format": "mlx", "precision": "fp16"}])
     result = publish(recipes, str(source), "--out", str(tmp_path / "out"))
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
+    failure = " ".join(result.output.split())
+    assert "tiny-phi3-longrope-fp16" in failure and "known cause: longrope: mlx-lm always rotates with " \
+        "long_factor" in failure, failure
+    assert not (tmp_path / "out" / "tiny-phi3-longrope-fp16").exists()
     repo = tmp_path / "out" / "tiny-phi3-longrope-fp32"
     config = json.loads((repo / "config.json").read_text())
     assert config["rope_scaling"]["type"] == "longrope" and config["rope_scaling"]["long_factor"] == long

@@ -226,7 +226,8 @@ class MLXBackend(Backend):
         return {"quantization": {k: v for k, v in (quant or {}).items() if not isinstance(v, dict)} or None,
                 "per_layer_overrides": len(layers), "tensor_dtypes": dtypes,
                 "bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
-                "rope_theta": config.get("rope_theta"), "partial_rotary_factor": config.get("partial_rotary_factor")}
+                "rope_theta": config.get("rope_theta"), "partial_rotary_factor": config.get("partial_rotary_factor"),
+                **({"known_difference": note} if (note := rope_note(config)) else {})}
 
     def load(self, variant, repo_dir: Path):
         return MLXRuntime(repo_dir / variant.path)
