@@ -81,7 +81,8 @@ def test_card_metadata_and_tables(preview, tiny_phi3):
 
 def test_rerun_to_same_folder_is_up_to_date(preview, tiny_phi3):
     before = {p.name: p.stat().st_mtime_ns for p in preview.iterdir()}
-    result = CliRunner().invoke(main, ["publish", str(tiny_phi3), "--recipe", "edge-gguf", "--out", str(preview.parent)])
+    result = CliRunner().invoke(main, ["publish", str(tiny_phi3), "--recipe", "edge-gguf",
+                                       "--out", str(preview.parent)])
     assert result.exit_code == 0, result.output
     assert "up to date" in result.stderr
     assert {p.name: p.stat().st_mtime_ns for p in preview.iterdir()} == before

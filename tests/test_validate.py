@@ -53,5 +53,6 @@ def test_failing_variant_is_not_published(tmp_path, hub_env, tiny_phi3):
     assert "not published" in result.stderr
     assert not hub_env.repo_exists("hubbot-tester/renamed-model-GGUF")
     assert not [r for r in hub_env.requests if "/commit/" in r[1] or "/preupload/" in r[1]]
-    kept = json.loads((Path(os.environ["HUBBOT_CACHE"]) / "failed" / "renamed-model-GGUF" / "validation.json").read_text())
+    failed = Path(os.environ["HUBBOT_CACHE"]) / "failed" / "renamed-model-GGUF"
+    kept = json.loads((failed / "validation.json").read_text())
     assert not any(v["passed"] for v in kept["variants"])

@@ -189,7 +189,8 @@ def test_two_watchers_started_at_once_publish_each_release_exactly_once(env, tin
     ledger_path = tmp_path / "shared-ledger.sqlite"
     child_env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": SENTINEL_TOKEN,
                  "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "hubbot.cli", "watch", "--once", "--ledger", str(ledger_path), "--recipe", "edge-gguf"]
+    command = [sys.executable, "-m", "hubbot.cli", "watch", "--once", "--ledger", str(ledger_path),
+               "--recipe", "edge-gguf"]
     procs = [subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
