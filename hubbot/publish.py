@@ -236,7 +236,8 @@ class HubTarget:
             if conflict and previous and previous.get("key") == ours:
                 self.log(f"{repo_id}: the commit now on main ({parent[:12]}) holds this very build; nothing to do")
                 return PushResult(repo_id, url, commit=parent, changed=False, up_to_date=True)
-            operations = _operations(folder, files, previous, preuploaded)
+            operations = _operations(folder, files, previous, preuploaded, self._remote_sha256(repo_id, preuploaded,
+                                                                                               parent))
             where = " as a pull request" if use_pr else f" on {parent[:12]}"
             self.log(f"committing {len(files) + len(preuploaded)} files to {repo_id}{where}")
             try:
@@ -254,6 +255,16 @@ class HubTarget:
         raise PublishError(f"commit to {repo_id}: other commits kept landing on main while hubbot committed "
                            f"({self.conflicts + 1} tries, each refused by the Hub as planned on an old commit); "
                            f"nothing of this build was committed; run again")
+
+    def _remote_sha256(self, repo_id: str, preuploaded: Preuploaded, revision: str) -> dict[str, str]:
+        """The sha256 of the files at ``revision`` where pre-uploaded blobs go, so that huggingface_hub
+        leaves an unchanged one out of the commit as it does for the files it uploads itself (it
+        compares ``_remote_oid`` with the local one; only its own pre-upload call sets that)."""
+        if not preuploaded:
+            return {}
+        infos = self._with_retries(lambda: self.api.get_paths_info(repo_id, sorted(preuploaded), revision=revision),
+                                   f"read the files of {repo_id} at {revision[:12]}")
+        return {f.path: f.lfs.sha256 for f in infos if getattr(f, "lfs", None)}
 
     def _ensure_repo(self, repo_id: str) -> bool:
         """Create the repo when it is missing; whether it existed."""
@@ -438,21 +449,23 @@ class HubTarget:
 
 
 def _operations(folder: Path, files: list[Path], previous: dict[str, Any] | None,
-                preuploaded: Preuploaded | None = None) -> list:
+                preuploaded: Preuploaded | None = None, remote_sha256: Mapping[str, str] | None = None) -> list:
     """Add every staged file and every pre-uploaded blob; delete the files the previous hubbot.json lists
-    that this build no longer has (only files hubbot put there)."""
+    that this build no longer has (only files hubbot put there). ``remote_sha256``: what the repo holds
+    at the pre-uploaded paths."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     staged = {f.relative_to(folder).as_posix() for f in files}
     preuploaded = preuploaded or {}
     new_paths = staged | set(preuploaded)
     operations: list[Any] = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p))
-                             if p in staged else _preuploaded_addition(p, preuploaded[p]) for p in sorted(new_paths)]
+                             if p in staged else _preuploaded_addition(p, preuploaded[p], (remote_sha256 or {}).get(p))
+                             for p in sorted(new_paths)]
     stale = set((previous or {}).get("files", {})) - new_paths
     return operations + [CommitOperationDelete(path_in_repo=p) for p in sorted(stale)]
 
 
-def _preuploaded_addition(path: str, blob: Blob):
+def _preuploaded_addition(path: str, blob: Blob, remote_sha256: str | None = None):
     """A CommitOperationAdd for a blob already in the repo's storage, marked the way huggingface_hub's
     ``preupload_lfs_files`` leaves its operations (uploaded, LFS, content freed): create_commit then sends
     only its ``lfsFile`` line (path, sha256, size), and the Hub refuses the commit (422) when the blob is
@@ -464,6 +477,7 @@ def _preuploaded_addition(path: str, blob: Blob):
     addition.upload_info = UploadInfo(size=blob.size, sample=b"", sha256=bytes.fromhex(blob.sha256))
     addition._upload_mode = "lfs"
     addition._is_uploaded = True
+    addition._remote_oid = remote_sha256  # equal to the blob's: huggingface_hub drops it as unchanged
     return addition
 
 

@@ -99,6 +99,9 @@ def test_preuploaded_builds_publish_in_one_commit_with_no_model_bytes_and_equal_
     again = runner.invoke(main, ["publish", SOURCE, "--recipe", "edge-gguf"])
     assert again.exit_code == 0 and "up to date" in again.stderr, again.output
     assert len(hubbot_commits(hub)) == 1
+    forced = runner.invoke(main, ["publish", "--from-artifacts", str(built), "--force"])  # the same blobs again
+    assert forced.exit_code == 0 and "nothing changed" in forced.stderr, forced.output
+    assert len(hubbot_commits(hub)) == 1
 
 
 @pytest.mark.slow
