@@ -90,27 +90,31 @@ def find_releases(api, families: Iterable[Family], since: datetime | None = None
                   reverse=True)
 
 
-def unreadable(api, release: ListedRelease) -> str | None:
-    """Why the token cannot read the release (None when it can)."""
+def read_release_config(api, release: ListedRelease) -> tuple[dict[str, Any] | None, str | None]:
+    """The release's config.json (None when it has none the build could use: the build says why),
+    or why the token cannot read the release: one download, which also tells whether a gated repo
+    lets the token in."""
     from huggingface_hub.errors import DisabledRepoError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     if release.disabled:
-        return "disabled on the Hub"
-    if not release.gated:
-        return None  # public (or private and listed, so the token's owner can read it)
+        return None, "disabled on the Hub"
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            api.hf_hub_download(release.repo, "config.json", revision=release.sha, local_dir=tmp)
-        return None
+            path = api.hf_hub_download(release.repo, "config.json", revision=release.sha, local_dir=tmp)
+            return json.loads(Path(path).read_text()), None
     except GatedRepoError:
-        return f"gated ({release.gated}): the token has no access; request it on the repo's Hub page"
+        return None, f"gated ({release.gated}): the token has no access; request it on the repo's Hub page"
     except DisabledRepoError:
-        return "disabled on the Hub"
+        return None, "disabled on the Hub"
     except RepositoryNotFoundError:
-        return "private or deleted: the token cannot read it"
+        return None, "private or deleted: the token cannot read it"
     except HfHubHTTPError as e:
+        if not release.gated:
+            return None, None  # a public release: its build retries and reports what the Hub answers
         status = e.response.status_code if e.response is not None else "?"
-        return f"cannot read it (HTTP {status})"
+        return None, f"cannot read it (HTTP {status})"
+    except (OSError, ValueError):  # no config.json, or not JSON: the build says what is wrong with it
+        return None, None
 
 
 def update_collection(api, namespace: str, source_repo: str, repo_ids: list[str]) -> str:
@@ -169,12 +173,12 @@ class Watcher:
         known = self.ledger.get(release.repo, release.sha)
         if not self.ledger.should_try(known, self.max_attempts):
             return ReleaseResult(release, "known", f"{known.status} (ledger)")
-        reason = unreadable(self.api, release)
+        config, reason = read_release_config(self.api, release)
         if reason:
             if self.ledger.skip(release.repo, release.sha, fam.name, created, reason):
                 self.log(f"{release.repo}: skipped — {reason}")
             return ReleaseResult(release, "skipped", reason)
-        reason = self.unsupported(release, recipe)
+        reason = self.unsupported(release, recipe, config)
         if reason:
             return self._unsupported(release, fam.name, created, reason)
         if not self.ledger.claim(release.repo, release.sha, fam.name, recipe, created, self.max_attempts):
@@ -212,14 +216,13 @@ class Watcher:
         self.ledger.finish(release.repo, release.sha, status, reason, collection=collection)
         return ReleaseResult(release, status, reason, outcomes)
 
-    def unsupported(self, release: ListedRelease, recipe: str) -> str | None:
+    def unsupported(self, release: ListedRelease, recipe: str, config: dict[str, Any] | None) -> str | None:
         """Why nothing of the release can be built, from its config.json alone (before any download)."""
+        if config is None:
+            return None
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = self.api.hf_hub_download(release.repo, "config.json", revision=release.sha, local_dir=tmp)
-                config = json.loads(Path(path).read_text())
             ref, the_recipe = select(f"{release.repo}@{release.sha}", recipe, self.families, release.family)
-        except Exception:  # noqa: BLE001 - the build says what is wrong with it
+        except HubbotError:  # the build says what is wrong with it
             return None
         return make_plan(ref, the_recipe, config=config).unsupported
 

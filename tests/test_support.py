@@ -195,19 +195,27 @@ def test_every_text_release_has_an_alias_with_a_supported_architecture():
 
 
 # ----------------------------------------------------------------------------- watch
-def test_watch_records_an_unsupported_release_once_without_downloading_it(hub_env, tmp_path, monkeypatch):
+@pytest.mark.parametrize("gated", [False, "auto"])
+def test_watch_records_an_unsupported_release_once_without_downloading_it(hub_env, tmp_path, monkeypatch, gated):
+    """Public, or gated with the token let in: its config.json is read once (which also tells that the
+    token may read it), nothing else."""
     hub = hub_env
     monkeypatch.setenv("HUBBOT_RETRY_BACKOFF", "0.05")
     for var in ("GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY", "GITHUB_OUTPUT"):
         monkeypatch.delenv(var, raising=False)
     small = _folder(tmp_path, "Phi3SmallForCausalLM", "phi3small")
     repo = "microsoft/Phi-3-small-8k-instruct"
-    sha = hub.seed_repo(repo, {p.name: p for p in small.iterdir()})
+    sha = hub.seed_repo(repo, {p.name: p for p in small.iterdir()}, gated=gated)
+    if gated:
+        hub.grant_access(repo, USER)
     ledger = tmp_path / "ledger.sqlite"
+    hub.reset_counters()
     first = CliRunner().invoke(main, ["watch", "--once", "--ledger", str(ledger), "--recipe", "edge-gguf"])
     assert first.exit_code == 0, first.output
     assert "unsupported" in first.output and "needs trust_remote_code" in first.output
     assert not any(path.endswith(".safetensors") for path in hub.bytes_downloaded)  # only config.json was read
+    assert [t for m, t, _ in hub.requests if m == "GET" and t.endswith("/config.json")] == \
+        [f"/{repo}/resolve/{sha}/config.json"]
     with Ledger(ledger) as led:
         entry = led.get(repo, sha)
     assert entry.status == "unsupported" and "Phi3SmallForCausalLM" in entry.reason
