@@ -185,8 +185,10 @@ class GGUFBackend(Backend):
                 seconds, peak = run.seconds, run.peak_rss_bytes
             imatrix = {"imatrix": matrix.path.relative_to(repo_dir).as_posix(), "calibration": spec,
                        "imatrix_seconds": matrix.seconds} if matrix else {}
-            built[v.id] = Built([v.path], seconds, GGUFDetails(outtype.upper(), converted.seconds,
-                                                             converted.peak_rss_bytes, peak, **imatrix))
+            # the matrix is one of the files of each variant made with it, so a fanned-out build carries it too
+            files = [v.path, imatrix["imatrix"]] if matrix else [v.path]
+            built[v.id] = Built(files, seconds, GGUFDetails(outtype.upper(), converted.seconds,
+                                                          converted.peak_rss_bytes, peak, **imatrix))
         return built
 
     def _convert(self, snapshot, out: Path, outtype: str, workdir: Path, log: Log):
