@@ -7,6 +7,7 @@ file (``calibration/phi-calibration.txt`` is bundled with hubbot's own recipes).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,6 @@ def calibration_file(spec: str, recipe_dir: Path) -> Path:
 
 
 def _download(text: HubText, spec: str) -> Path:
-    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -63,8 +63,15 @@ def _download(text: HubText, spec: str) -> Path:
         RevisionNotFoundError,
     )
 
+    from .hub import reaching
+    from .publish import make_api
+
+    # the endpoint and cache as the environment says now (huggingface_hub read them when it was imported)
+    api = make_api(os.environ.get("HF_ENDPOINT"))
     try:
-        return Path(hf_hub_download(text.repo_id, text.path, repo_type="dataset", revision=text.revision))
+        with reaching(api.endpoint, f"download the calibration text {spec}"):
+            return Path(api.hf_hub_download(text.repo_id, text.path, repo_type="dataset", revision=text.revision,
+                                            cache_dir=os.environ.get("HF_HUB_CACHE")))
     except RepositoryNotFoundError:
         reason = f"the dataset repo {text.repo_id} does not exist or is private (is HF_TOKEN set?)"
     except RevisionNotFoundError:
