@@ -41,6 +41,12 @@ class MissingExtraError(HubbotError):
         )
 
 
+class MissingToolError(HubbotError):
+    """A program hubbot needs on this machine (cmake, a compiler) is missing; the message says what to install."""
+
+    exit_code = 3
+
+
 class BuildError(HubbotError):
     """A format tool failed or produced something that does not check out."""
 

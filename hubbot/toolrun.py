@@ -131,7 +131,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def run_tool(cmd: Sequence[str], log_file: Path, *, what: str, log: Log = lambda _: None,
              env: dict[str, str] | None = None, progress: Progress | None = fraction_progress,
-             check: Callable[[], bool] = lambda: True) -> ToolRun:
+             check: Callable[[], bool] = lambda: True, cwd: Path | None = None) -> ToolRun:
     """Run ``cmd`` with its output in ``log_file``; raise BuildError naming ``what`` on failure.
 
     ``check`` is called after a zero exit: False (e.g. the expected output is missing) is a failure too.
@@ -141,7 +141,7 @@ def run_tool(cmd: Sequence[str], log_file: Path, *, what: str, log: Log = lambda
     peak = TreeMemory(0, 0)
     with log_file.open("wb") as fh, step(what, log=log) as shown:
         proc = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=env, cwd=cwd, start_new_session=True)
         try:
             while True:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)

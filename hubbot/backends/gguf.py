@@ -4,6 +4,13 @@ The converter (``convert_hf_to_gguf.py`` with its ``conversion`` and ``gguf-py``
 in the llama-cpp-python sdist; it is fetched from the package index into a cache on first use,
 for exactly the installed llama-cpp-python version, and run in a subprocess. All variants are
 quantized from one F16/BF16 (or F32) intermediate.
+
+A variant with the ``imatrix`` option (a calibration text: ``hf://datasets/…`` or a path relative
+to the recipe) is quantized with an importance matrix: llama.cpp's own ``llama-imatrix`` and
+``llama-quantize``, built once from the same sdist (``hubbot.llamacpp_tools``), compute one
+matrix per calibration text on the intermediate and quantize with it; the matrix is published
+beside the GGUF files as ``<model>.imatrix`` (llama.cpp's GGUF imatrix format; not named
+``.gguf``, so apps that list a repo's models do not offer it).
 """
 
 from __future__ import annotations
@@ -13,20 +20,21 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..calibration import calibration_file, parse_calibration
 from ..errors import BuildError
 from ..paths import cache_root
 from ..sdist import fetch_sdist_files
 from ..source import chat_template, config_dtype
 from ..toolrun import run_tool
-from .base import Backend, Built, Details, Log, Naming, NativeType, type_table
+from .base import Backend, Built, Details, Log, Naming, NativeType, OptionError, type_table
 
 # GGUF's file types hubbot makes, with approximate bits per weight (llama.cpp's quantize table).
-# Types that need an importance matrix (IQ1/IQ2/IQ3) are left out until the bot can compute one.
+# IQ1_S/IQ1_M are left out: below 2 bits no threshold class fits them.
 GGUF_TYPES = type_table(
     NativeType("F32", "fp32", 32.0),
     NativeType("F16", "fp16", 16.0),
@@ -47,7 +55,22 @@ GGUF_TYPES = type_table(
     NativeType("Q3_K_M", "int3", 3.91),
     NativeType("Q3_K_S", "int3", 3.5),
     NativeType("Q2_K", "int2", 3.35),
+    NativeType("IQ3_M", "int3", 3.66),
+    NativeType("IQ3_S", "int3", 3.44),
+    NativeType("IQ3_XS", "int3", 3.3),
+    NativeType("IQ3_XXS", "int3", 3.06),
+    NativeType("IQ2_M", "int2", 2.7),
+    NativeType("IQ2_S", "int2", 2.5),
+    NativeType("IQ2_XS", "int2", 2.31),
+    NativeType("IQ2_XXS", "int2", 2.06),
 )
+# what llama.cpp's quantizer refuses to make without an importance matrix (llama-quant.cpp)
+NEEDS_IMATRIX = frozenset({"IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ3_XXS"})
+# types whose quantization takes no importance matrix (it would change nothing)
+IGNORES_IMATRIX = frozenset({"F32", "F16", "BF16", "Q8_0"})
+# the tensor type most weights of a file type are stored as, where its name does not say
+MAIN_TENSOR_TYPE = {"IQ2_M": "IQ2_S", "IQ2_S": "IQ2_XS", "IQ3_M": "IQ3_S", "IQ3_XS": "IQ3_S"}
+IMATRIX_CONTEXT = 512  # tokens per chunk: llama-imatrix's default
 # transformers architecture -> general.architecture llama.cpp's converter writes for it
 GGUF_ARCHITECTURES: dict[str, str] = {"Phi3ForCausalLM": "phi3"}
 INTERMEDIATE_OUTTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
@@ -77,6 +100,9 @@ class GGUFDetails(Details):
     convert_seconds: float
     convert_peak_rss_bytes: int
     peak_rss_bytes: int  # of this variant's own step (quantize, or the conversion itself)
+    imatrix: str | None = None  # the importance matrix it was quantized with (a file of the repo)
+    calibration: str | None = None  # the text that matrix was computed on, as the recipe names it
+    imatrix_seconds: float | None = None
 
 
 # llama.cpp's quantizer in its own process: its per-tensor log ("[ 12/ 195] …") shows progress,
@@ -103,7 +129,7 @@ class GGUFBackend(Backend):
     default_target = "any"
     precisions = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
     native_types = GGUF_TYPES
-    options = {"pure": bool, "leave_output_tensor": bool}
+    options = {"pure": bool, "leave_output_tensor": bool, "imatrix": str}
     naming = Naming(repo="{model}-GGUF", path="{model}-{quant}.gguf")
     template = "gguf.md.j2"
 
@@ -111,24 +137,58 @@ class GGUFBackend(Backend):
         version = llama_cpp_version()
         return {"llama-cpp-python": version, "llama.cpp converter": f"llama-cpp-python {version} sdist"}
 
+    def check_options(self, native: str, target: str, options: Mapping[str, Any]) -> None:
+        calibration = options.get("imatrix")
+        if calibration is None:
+            if native in NEEDS_IMATRIX:
+                raise OptionError(f"{native} needs an importance matrix: add options: {{imatrix: <calibration text>}} "
+                                  "(hf://datasets/<owner>/<name>/<file>, or a path relative to the recipe)")
+            return
+        if native in IGNORES_IMATRIX:
+            raise OptionError(f"gguf option imatrix: {native} is not quantized with an importance matrix; "
+                              "drop the option")
+        try:
+            parse_calibration(calibration)
+        except ValueError as e:
+            raise OptionError(f"gguf option imatrix: {e}") from None
+
+    def slug(self, native: str, target: str, options: Mapping[str, Any]) -> str:
+        # the calibration text is recorded in the variant, not spelled into its id
+        others = {k: v for k, v in options.items() if k != "imatrix"}
+        slug = super().slug(native, target, others)
+        return f"{slug}-imatrix" if "imatrix" in options else slug
+
     def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> dict[str, Built]:
         natives = {v.native for v in variants}
         outtype = "f32" if "F32" in natives else "bf16" if config_dtype(snapshot.config) == "bfloat16" else "f16"
+        calibrations = _calibrations(variants, snapshot, log)  # before the conversion: a missing text fails fast
         intermediate = workdir / f"{snapshot.ref.model_name}-{outtype.upper()}.gguf"
         converted = self._convert(snapshot, intermediate, outtype, workdir, log)
+        matrices = {spec: _imatrix(intermediate, text, repo_dir / _imatrix_path(snapshot, spec, calibrations),
+                                   workdir, log)
+                    for spec, text in calibrations.items()}
         built = {}
         for v in variants:
             out = repo_dir / v.path
             out.parent.mkdir(parents=True, exist_ok=True)
+            spec = v.options.get("imatrix")
+            matrix = matrices.get(spec)
             if v.native.lower() == outtype and not v.options:
                 log(f"{v.id}: the {outtype.upper()} conversion itself")
                 shutil.copyfile(intermediate, out)
                 seconds, peak = 0.0, converted.peak_rss_bytes
+            elif matrix:
+                run = _quantize_with_imatrix(intermediate, out, v, matrix.path, workdir, log)
+                seconds, peak = run.seconds, run.peak_rss_bytes
             else:
                 run = _quantize(intermediate, out, v, workdir, log)
                 seconds, peak = run.seconds, run.peak_rss_bytes
-            built[v.id] = Built([v.path], seconds, GGUFDetails(outtype.upper(), converted.seconds,
-                                                             converted.peak_rss_bytes, peak))
+            imatrix = {"imatrix": matrix.path.relative_to(repo_dir).as_posix(), "calibration": spec,
+                       "imatrix_seconds": matrix.seconds} if matrix else {}
+            # the matrix is one of the files of each variant made with it, so a fanned-out build carries it too
+            files = [v.path, imatrix["imatrix"]] if matrix else [v.path]
+            built[v.id] = Built(files, seconds, GGUFDetails(outtype.upper(), converted.seconds,
+                                                          converted.peak_rss_bytes, peak, **imatrix))
         return built
 
     def _convert(self, snapshot, out: Path, outtype: str, workdir: Path, log: Log):
@@ -161,6 +221,66 @@ def _quantize(src: Path, dst: Path, variant, workdir: Path, log: Log):
            "1" if options.get("pure") else "0", "0" if options.get("leave_output_tensor") else "1"]
     return run_tool(cmd, workdir / f"quantize-{variant.native}.log", what=f"llama.cpp quantize to {variant.native}",
                     log=log, check=dst.is_file)
+
+
+@dataclass(frozen=True)
+class ImportanceMatrix:
+    path: Path
+    seconds: float
+
+
+def _calibrations(variants, snapshot, log: Log) -> dict[str, Path]:
+    """Each calibration text the variants name, on this machine; llama.cpp's tools built when one is named."""
+    specs = list(dict.fromkeys(v.options["imatrix"] for v in variants if "imatrix" in v.options))
+    if not specs:
+        return {}
+    from ..llamacpp_tools import tools_dir
+
+    recipe_dir = snapshot.ref.family.path.parent
+    texts = {spec: calibration_file(spec, recipe_dir) for spec in specs}
+    tools_dir(log)  # built (or found) now, before the source is converted
+    return texts
+
+
+def _imatrix_path(snapshot, spec: str, calibrations: dict[str, Path]) -> str:
+    """``<model>.imatrix``; with several calibration texts, each matrix named after its text too."""
+    name = snapshot.ref.model_name
+    if len(calibrations) == 1:
+        return f"{name}.imatrix"
+    return f"{name}-{calibrations[spec].stem}.imatrix"
+
+
+def _imatrix(intermediate: Path, text: Path, out: Path, workdir: Path, log: Log) -> ImportanceMatrix:
+    """llama-imatrix over ``text`` with the intermediate: one importance matrix for every variant that names it."""
+    from ..llamacpp_tools import tool
+
+    log(f"computing the importance matrix of {intermediate.name} on {text.name}")
+    # the matrix records the text's name as given: run beside it, so that is not a path of this machine
+    cmd = [str(tool("llama-imatrix")), "-m", str(intermediate), "-f", text.name, "-o", str(out),
+           "--output-format", "gguf", "--ctx-size", str(IMATRIX_CONTEXT), "--parse-special", "--no-ppl",
+           "--threads", str(_threads(intermediate))]
+    run = run_tool(cmd, workdir / f"imatrix-{out.stem}.log", what="llama.cpp's llama-imatrix", log=log,
+                   progress=None, check=out.is_file, cwd=text.parent)
+    return ImportanceMatrix(out, run.seconds)
+
+
+def _quantize_with_imatrix(src: Path, dst: Path, variant, matrix: Path, workdir: Path, log: Log):
+    from ..llamacpp_tools import tool
+
+    log(f"{variant.id}: quantizing {src.name} → {variant.native} with the importance matrix {matrix.name}")
+    flags = ["--pure"] * bool(variant.options.get("pure"))
+    flags += ["--leave-output-tensor"] * bool(variant.options.get("leave_output_tensor"))
+    # the GGUF records the matrix's name as given (quantize.imatrix.file): run beside it, for no local path
+    cmd = [str(tool("llama-quantize")), *flags, "--imatrix", matrix.name, str(src), str(dst), variant.native,
+           str(os.cpu_count() or 1)]
+    return run_tool(cmd, workdir / f"quantize-{variant.native}-imatrix.log",
+                    what=f"llama-quantize to {variant.native} with an importance matrix", log=log, check=dst.is_file,
+                    cwd=matrix.parent)
+
+
+def _threads(model: Path) -> int:
+    # as in LlamaCppRuntime: on a small model llama.cpp's spinning workers are slower than one
+    return 1 if model.stat().st_size < SMALL_MODEL_BYTES else os.cpu_count() or 1
 
 
 def _ftype(native: str) -> int:
@@ -207,7 +327,7 @@ def inspect_gguf(path: Path, snapshot, native: str) -> dict[str, Any]:
     expected_ftype = _ftype(native)
     if info["file_type"] != expected_ftype:
         problems.append(f"general.file_type is {info['file_type']}, expected {expected_ftype} ({native})")
-    main_type = re.sub(r"_[SML]$", "", native)
+    main_type = MAIN_TENSOR_TYPE.get(native) or re.sub(r"_[SML]$", "", native)
     if main_type not in tensor_types:
         problems.append(f"no tensor is stored as {main_type}: {tensor_types}")
     if problems:
