@@ -29,6 +29,7 @@ class FormatSupport:
     precision_classes: tuple[str, ...] | None = None  # None: every precision
     requires: str | None = None  # a config condition, e.g. LONG_CONTEXT
     restriction: str = ""  # the restriction in words, for plans and cards
+    broken: str = ""  # why the pinned tool fails on what it claims to build (tests/test_arch_fixtures.py checks it)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class Architecture:
     aliases: tuple[str, ...] = ()  # other spellings of ``name`` in config.json (transformers' own class name)
 
 
+ONNX_PHIMOE_BROKEN = ("onnxruntime-genai 0.18's builder cannot build PhiMoE: its Phi3MoELongRoPEModel has no "
+                      "LongRoPE rope setup (NotImplementedError: longrope) and reads the experts as transformers 4 "
+                      "held them (layer.block_sparse_moe.experts[i].w1), which transformers 5 fuses into "
+                      "layer.mlp.experts")
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture(
         "Phi3ForCausalLM", "phi3", True,
@@ -57,7 +62,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
             "onnx": FormatSupport("PhiMoEForCausalLM", targets=("cuda",), precision_classes=("int4",),
                                   requires=LONG_CONTEXT,
                                   restriction="onnxruntime-genai builds PhiMoE for CUDA in int4 only, and only from "
-                                              "long-context (LongRoPE) configs: MoE runs on CUDA only in ONNX Runtime"),
+                                              "long-context (LongRoPE) configs: MoE runs on CUDA only in ONNX Runtime",
+                                  broken=ONNX_PHIMOE_BROKEN),
             "openvino": FormatSupport("phimoe"), "mlx": FormatSupport("phimoe"),
         },
     ),
@@ -162,4 +168,4 @@ def variant_unsupported(architecture: str | None, fmt: str, target: str, precisi
         holds, words = CONDITIONS[support.requires]
         if not holds(config):
             return support.restriction or f"{fmt} builds {architecture} only from {words}"
-    return None
+    return support.broken or None

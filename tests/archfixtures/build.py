@@ -123,6 +123,7 @@ def build_arch_model(kind: str, out_dir: Path, *, seed: int = 0, steps: int | No
     import torch
 
     spec = spec_for(kind)
+    validation_prompts()  # before training: a recipe prompt without an expected answer fails fast
     steps = spec.steps if steps is None else int(steps)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
