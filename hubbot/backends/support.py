@@ -45,7 +45,7 @@ class Architecture:
 
 ONNX_PHIMOE_BROKEN = ("onnxruntime-genai 0.18's builder cannot build PhiMoE: its Phi3MoELongRoPEModel has no "
                       "LongRoPE rope setup (NotImplementedError: longrope) and reads the experts as transformers 4 "
-                      "held them (layer.block_sparse_moe.experts[i].w1), which transformers 5 fuses into "
+                      "held them (one module per expert under layer.block_sparse_moe), which transformers 5 fuses into "
                       "layer.mlp.experts")
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture(

@@ -5,7 +5,7 @@
 * ``phimoe`` -- ``PhiMoEForCausalLM`` as Phi-3.5-MoE ships it: 4 experts, top-2 (sparsemixer), LayerNorm,
   attention and LM-head biases, a LongRoPE long-context config (16k over 4k; short and long factors
   alike), GQA, Phi-3's sentencepiece tokenizer and chat template.
-* ``phi2`` -- ``PhiForCausalLM`` as phi-2 ships it: partial rotary (0.4 of head_dim 80), biases,
+* ``phi2`` -- ``PhiForCausalLM`` as phi-2 ships it: partial rotary (phi-1_5's 0.5 of head_dim 64), biases,
   LayerNorm, gelu_new MLP, GPT-2's byte-level BPE (CodeGenTokenizer) with the vocabulary padded to 51200,
   and phi-2's "Instruct: …\\nOutput:" format as its chat template.
 

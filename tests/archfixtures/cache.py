@@ -32,10 +32,13 @@ def arch_fingerprint(kind: str) -> str:
 
 def cached_arch_model(kind: str, cache_dir: Path | None = None) -> Path:
     """Path to the ``kind`` fixture (seed 0), built once into ``cache_dir`` (default: tests.fixtures'
-    cache, $HUBBOT_TINY_MODEL_CACHE). The folder name keeps the kind: llama.cpp names the model after it."""
-    spec_for(kind)
+    cache, $HUBBOT_TINY_MODEL_CACHE), in ``tiny-phi-3.5-moe-<fingerprint>`` or ``tiny-phi-2-<fingerprint>``.
+    The name matters: hubbot names a local model after its folder, llama.cpp's converter writes that as
+    general.name, and llama.cpp gives Phi-3's special tokens their rstrip only when the name has "phi-3"
+    or "phi3" in it (as Phi-3.5-MoE-instruct's has)."""
+    spec = spec_for(kind)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / f"tiny-{kind}-{arch_fingerprint(kind)}"
+    target = root / f"{spec.folder_prefix}-{arch_fingerprint(kind)}"
     if (target / "tiny_model_info.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)

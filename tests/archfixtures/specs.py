@@ -33,6 +33,7 @@ class ArchSpec:
     num_experts_per_tok: int = 0
     partial_rotary_factor: float = 1.0
     vocab_size: int | None = None  # None: the tokenizer's size rounded up to 64
+    folder_prefix: str = ""  # the cached folder's name starts so (see cache.py)
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 40
@@ -50,20 +51,23 @@ class ArchSpec:
 
 
 SPECS: dict[str, ArchSpec] = {
-    # small enough to train in minutes on 2 busy cores (hidden 128/160, 400 steps)
+    # small enough to train in minutes on 2 busy cores (400 steps); hidden 256, as llama.cpp's K-quants need rows
+    # of a multiple of 256 (narrower ones fall back to Q5_0/Q8_0)
     # Phi-3.5-MoE's layout in miniature: 4 experts, top-2 (sparsemixer), LayerNorm, attention and LM head
     # biases, a LongRoPE (long-context) config, GQA, Phi-3's sentencepiece tokenizer and chat template
     "phimoe": ArchSpec(
-        kind="phimoe", architecture="PhiMoEForCausalLM", hidden_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, intermediate_size=128, max_position_embeddings=16384,
+        kind="phimoe", architecture="PhiMoEForCausalLM", hidden_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=256, max_position_embeddings=16384,
         original_max_position_embeddings=4096, num_local_experts=4, num_experts_per_tok=2, steps=400,
+        folder_prefix="tiny-phi-3.5-moe",
     ),
-    # phi-2's in miniature: head_dim 80 with partial_rotary_factor 0.4 (32 rotary dims), biases everywhere,
+    # phi-2's in miniature: partial rotary (0.5 of head_dim 64 = 32 rotary dims, phi-1_5's geometry: phi-2's 0.4
+    # of head_dim 80 needs a hidden size of a multiple of 80, which K-quants cannot take), biases everywhere,
     # LayerNorm, gelu_new MLP of 4 x hidden, GPT-2's byte-level BPE, vocab padded to 51200
     "phi2": ArchSpec(
-        kind="phi2", architecture="PhiForCausalLM", hidden_size=160, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=640, max_position_embeddings=2048, partial_rotary_factor=0.4,
-        vocab_size=51200, steps=400,
+        kind="phi2", architecture="PhiForCausalLM", hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=1024, max_position_embeddings=2048, partial_rotary_factor=0.5,
+        vocab_size=51200, steps=400, folder_prefix="tiny-phi-2",
     ),
 }  # fmt: skip
 
