@@ -76,6 +76,13 @@ def card_row(row: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in row.items() if not is_measurement(k)}, "details": details}
 
 
+def shown_dropped(plan: Any, repo_name: str) -> list[Any]:
+    """The dropped variants a repo's card lists: its own, and those of repos the release has none of
+    (e.g. every ONNX variant of a PhiMoE release), which no card would show otherwise."""
+    published = {r.name for r in plan.repos}
+    return [d for d in plan.dropped if d.repo == repo_name or d.repo not in published]
+
+
 def render_card(record: RepoRecord) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
@@ -89,7 +96,7 @@ def render_card(record: RepoRecord) -> str:
         family=plan.source.family, recipe=plan.recipe, recipe_hash=plan.recipe_hash(record.repo),
         rows=rows, recommended=recommended(rows), reference=record.reference, tools=record.tools,
         hubbot_version=__version__, parameters=plan.parameters, architecture=plan.architecture,
-        dropped=[d for d in plan.dropped if d.repo == record.repo.name],
+        dropped=shown_dropped(plan, record.repo.name),
     )
     content = f"---\n{metadata.to_yaml()}\n---\n\n{body}"
     ModelCard(content)  # parses the metadata back; raises if it is not valid card YAML

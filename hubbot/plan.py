@@ -10,7 +10,7 @@ from typing import Any
 
 from . import __version__
 from .backends import get_backend
-from .backends.support import architecture_unsupported, variant_unsupported
+from .backends.support import architecture_unsupported, canonical_architecture, variant_unsupported
 from .errors import RecipeError, UsageError
 from .recipe import Family, Recipe, VariantSpec, stable_hash
 from .source import SourceRef, check_repo_id, safetensors_tensors
@@ -148,9 +148,10 @@ def make_variant(spec: VariantSpec, family: Family, model_name: str) -> tuple[st
 
 
 def source_architecture(source: SourceRef, config: dict[str, Any] | None = None) -> str | None:
-    """config.json's ``architectures[0]``; before the config is read, what the recipe's alias says."""
+    """config.json's ``architectures[0]`` as the support table names it; before the config is read, what the
+    recipe's alias says."""
     if config is not None:
-        return (config.get("architectures") or [None])[0]
+        return canonical_architecture((config.get("architectures") or [None])[0])
     model = source.family.models.get(source.spec) or (source.repo_id and source.family.model_for_repo(source.repo_id))
     return model.architecture if model else None
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .backends.support import canonical_architecture
 from .errors import DiskFullError, HubbotError, UsageError
 from .recipe import Family
 
@@ -101,7 +102,7 @@ def _local_ref(spec: str, path: Path, candidates: list[Family]) -> SourceRef:
         raise UsageError(f"source '{spec}' is a file; give the model's folder")
     config = read_config(path)
     arch = (config.get("architectures") or [None])[0]
-    fam = next((f for f in candidates if arch in f.architectures), None)
+    fam = next((f for f in candidates if canonical_architecture(arch) in f.architectures), None)
     if fam is None:
         known = sorted({a for f in candidates for a in f.architectures})
         raise UsageError(f"{path / 'config.json'}: architecture {arch!r} belongs to no family "

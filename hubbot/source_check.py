@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .backends.support import canonical_architecture
 from .errors import UsageError
 from .recipe import Family
 from .source import INDEX_FILE, SafetensorsHeader, chat_template, read_config, read_safetensors_header
@@ -166,6 +167,8 @@ class Layout:
     quantities: dict[str, Quantity] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)  # tensor -> config key that, when true, drops it
     defaults: dict[str, Callable[[Config], int]] = field(default_factory=dict)  # as transformers fills them in
+    present_if: dict[str, str] = field(default_factory=dict)  # tensor -> config key that, when false, drops it
+    experts_key: str | None = None  # per_layer names with "{j}" repeat for j < config[experts_key]
 
 
 def _head_dim(c: Config) -> int:
@@ -177,6 +180,22 @@ def _head_dim(c: Config) -> int:
     return c["hidden_size"] // c["num_attention_heads"]
 
 
+def _q_size() -> Quantity:
+    return Quantity("num_attention_heads × head_dim", ("num_attention_heads", "head_dim"),
+                    lambda c: c["num_attention_heads"] * _head_dim(c))
+
+
+def _kv_size() -> Quantity:
+    return Quantity("num_key_value_heads × head_dim", ("num_key_value_heads", "head_dim"),
+                    lambda c: c["num_key_value_heads"] * _head_dim(c))
+
+
+def _with_bias(weights: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Each ``….weight`` with its ``….bias`` (one row per output)."""
+    return {**weights, **{n.removesuffix("weight") + "bias": dims[:1] for n, dims in weights.items()}}
+
+
+GQA_DEFAULTS = {"num_key_value_heads": lambda c: c["num_attention_heads"], "head_dim": _head_dim}
 PHI3 = Layout(
     layer_prefix="model.layers.{i}.",
     layers_key="num_hidden_layers",
@@ -190,8 +209,7 @@ PHI3 = Layout(
                "mlp.gate_up_proj.weight": ("gate_up_size", "hidden_size"),
                "mlp.down_proj.weight": ("hidden_size", "intermediate_size")},
     quantities={
-        "q_size": Quantity("num_attention_heads × head_dim", ("num_attention_heads", "head_dim"),
-                           lambda c: c["num_attention_heads"] * _head_dim(c)),
+        "q_size": _q_size(),
         "qkv_size": Quantity("(num_attention_heads + 2 × num_key_value_heads) × head_dim",
                              ("num_attention_heads", "num_key_value_heads", "head_dim"),
                              lambda c: (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * _head_dim(c)),
@@ -199,9 +217,50 @@ PHI3 = Layout(
                                  lambda c: 2 * c["intermediate_size"]),
     },
     tied={"lm_head.weight": "tie_word_embeddings"},
-    defaults={"num_key_value_heads": lambda c: c["num_attention_heads"], "head_dim": _head_dim},
+    defaults=GQA_DEFAULTS,
 )
-LAYOUTS: dict[str, Layout] = {"Phi3ForCausalLM": PHI3}
+_ATTENTION = {"self_attn.q_proj.weight": ("q_size", "hidden_size"),
+              "self_attn.k_proj.weight": ("kv_size", "hidden_size"),
+              "self_attn.v_proj.weight": ("kv_size", "hidden_size")}
+# Phi-3.5-MoE as the Hub stores it (transformers 5 fuses the experts only when it loads them)
+PHIMOE = Layout(
+    layer_prefix="model.layers.{i}.",
+    layers_key="num_hidden_layers",
+    top={"model.embed_tokens.weight": ("vocab_size", "hidden_size"),
+         **_with_bias({"model.norm.weight": ("hidden_size",), "lm_head.weight": ("vocab_size", "hidden_size")})},
+    per_layer={
+        **_with_bias({"input_layernorm.weight": ("hidden_size",), "post_attention_layernorm.weight": ("hidden_size",),
+                      **_ATTENTION, "self_attn.o_proj.weight": ("hidden_size", "q_size")}),
+        "block_sparse_moe.gate.weight": ("num_local_experts", "hidden_size"),
+        "block_sparse_moe.experts.{j}.w1.weight": ("intermediate_size", "hidden_size"),
+        "block_sparse_moe.experts.{j}.w2.weight": ("hidden_size", "intermediate_size"),
+        "block_sparse_moe.experts.{j}.w3.weight": ("intermediate_size", "hidden_size"),
+    },
+    quantities={"q_size": _q_size(), "kv_size": _kv_size()},
+    tied={"lm_head.weight": "tie_word_embeddings"},
+    defaults=GQA_DEFAULTS,
+    present_if={"lm_head.bias": "lm_head_bias", **{f"self_attn.{p}_proj.bias": "attention_bias" for p in "qkvo"}},
+    experts_key="num_local_experts",
+)
+# phi-2, phi-1_5, phi-1: biases everywhere, LayerNorm, a plain fc1/fc2 MLP
+PHI = Layout(
+    layer_prefix="model.layers.{i}.",
+    layers_key="num_hidden_layers",
+    top={"model.embed_tokens.weight": ("vocab_size", "hidden_size"),
+         **_with_bias({"model.final_layernorm.weight": ("hidden_size",),
+                       "lm_head.weight": ("vocab_size", "hidden_size")})},
+    per_layer=_with_bias({"input_layernorm.weight": ("hidden_size",), **_ATTENTION,
+                          "self_attn.dense.weight": ("hidden_size", "q_size"),
+                          "self_attn.q_layernorm.weight": ("head_dim",), "self_attn.k_layernorm.weight": ("head_dim",),
+                          "mlp.fc1.weight": ("intermediate_size", "hidden_size"),
+                          "mlp.fc2.weight": ("hidden_size", "intermediate_size")}),
+    quantities={"q_size": _q_size(), "kv_size": _kv_size()},
+    tied={"lm_head.weight": "tie_word_embeddings"},
+    defaults=GQA_DEFAULTS,
+    present_if={f"self_attn.{q}_layernorm.{p}": "qk_layernorm" for q in "qk" for p in ("weight", "bias")},
+)
+# by the support table's architecture names (canonical_architecture reads an alias as its architecture)
+LAYOUTS: dict[str, Layout] = {"Phi3ForCausalLM": PHI3, "PhiMoEForCausalLM": PHIMOE, "PhiForCausalLM": PHI}
 
 
 @dataclass(frozen=True)
@@ -215,7 +274,7 @@ def layout_for(config: Config) -> Layout | None:
     arch = (config.get("architectures") or [None])[0]
     if config.get("quantization_config"):
         return None
-    return LAYOUTS.get(arch)
+    return LAYOUTS.get(canonical_architecture(arch))
 
 
 def check_shapes(config: Config, tensors: Mapping[str, Tensor], where: str) -> bool:
@@ -259,10 +318,20 @@ def _complete(layout: Layout, config: Config, where: str) -> dict[str, Any]:
 
 
 def _expected_tensors(layout: Layout, c: Config) -> dict[str, tuple[str, ...]]:
-    expected = {n: dims for n, dims in layout.top.items() if not c.get(layout.tied.get(n, ""), False)}
+    def wanted(name: str) -> bool:
+        return not c.get(layout.tied.get(name, ""), False) and \
+            (name not in layout.present_if or bool(c.get(layout.present_if[name], False)))
+
+    per_layer: dict[str, tuple[str, ...]] = {}
+    for suffix, dims in layout.per_layer.items():
+        if not wanted(suffix):
+            continue
+        experts = range(c[layout.experts_key]) if "{j}" in suffix else [None]
+        per_layer |= {suffix.replace("{j}", str(j)): dims for j in experts}
+    expected = {n: dims for n, dims in layout.top.items() if wanted(n)}
     for i in range(c[layout.layers_key]):
         prefix = layout.layer_prefix.format(i=i)
-        expected |= {prefix + suffix: dims for suffix, dims in layout.per_layer.items()}
+        expected |= {prefix + suffix: dims for suffix, dims in per_layer.items()}
     return expected
 
 

@@ -32,6 +32,7 @@ from ..sdist import fetch_sdist_files
 from ..source import chat_template, config_dtype
 from ..toolrun import run_tool
 from .base import Backend, Built, Details, Log, Naming, NativeType, OptionError, type_table
+from .support import canonical_architecture, named_for_tools
 
 # GGUF's file types hubbot makes, with approximate bits per weight (llama.cpp's quantize table).
 # IQ1_S/IQ1_M are left out: below 2 bits no threshold class fits them.
@@ -71,8 +72,9 @@ IGNORES_IMATRIX = frozenset({"F32", "F16", "BF16", "Q8_0"})
 # the tensor type most weights of a file type are stored as, where its name does not say
 MAIN_TENSOR_TYPE = {"IQ2_M": "IQ2_S", "IQ2_S": "IQ2_XS", "IQ3_M": "IQ3_S", "IQ3_XS": "IQ3_S"}
 IMATRIX_CONTEXT = 512  # tokens per chunk: llama-imatrix's default
-# transformers architecture -> general.architecture llama.cpp's converter writes for it
-GGUF_ARCHITECTURES: dict[str, str] = {"Phi3ForCausalLM": "phi3"}
+# support-table architecture -> general.architecture llama.cpp's converter writes for it (gguf-py's MODEL_ARCH_NAMES)
+GGUF_ARCHITECTURES: dict[str, str] = {"Phi3ForCausalLM": "phi3", "PhiMoEForCausalLM": "phimoe",
+                                      "PhiForCausalLM": "phi2"}
 INTERMEDIATE_OUTTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 SMALL_MODEL_BYTES = 512 * 2**20
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
@@ -200,7 +202,8 @@ class GGUFBackend(Backend):
         if snapshot.base_model:
             metadata["general.source.repo_url"] = f"https://huggingface.co/{snapshot.base_model}"
         override.write_text(json.dumps(metadata))
-        cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(snapshot.path), "--outfile", str(out),
+        source = named_for_tools(snapshot.path, workdir)
+        cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(source), "--outfile", str(out),
                "--outtype", outtype, "--model-name", snapshot.ref.model_name, "--metadata", str(override)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv)])}
         log(f"converting {snapshot.ref.model_name} to {outtype.upper()} GGUF with llama.cpp's converter")
@@ -316,7 +319,7 @@ def inspect_gguf(path: Path, snapshot, native: str) -> dict[str, Any]:
     }
     problems = []
     source_arch = (snapshot.config.get("architectures") or ["?"])[0]
-    expected_arch = GGUF_ARCHITECTURES.get(source_arch)
+    expected_arch = GGUF_ARCHITECTURES.get(canonical_architecture(source_arch))
     if arch != expected_arch:
         problems.append(f"general.architecture is {arch!r}, expected {expected_arch!r} for {source_arch}")
     source_template = chat_template(snapshot.path)

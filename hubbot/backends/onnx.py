@@ -26,6 +26,7 @@ from typing import Any
 from ..errors import BuildError
 from ..toolrun import ToolRun, run_tool
 from .base import Backend, Built, Details, Log, Naming, NativeType, OptionError, type_table
+from .support import named_for_tools
 
 # The builder's precisions (-p) with approximate bits per weight, for size estimates only.
 ONNX_TYPES = type_table(NativeType("fp32", "fp32", 32.0), NativeType("fp16", "fp16", 16.0),
@@ -234,7 +235,8 @@ class OnnxBackend(Backend):
 
     def _run_builder(self, snapshot, vid: str, native: str, target: str, extra: list[str], out: Path, workdir: Path,
                      env: dict[str, str], log: Log) -> ToolRun:
-        cmd = [sys.executable, "-c", BUILDER, "-i", str(snapshot.path), "-o", str(out), "-p", native, "-e", target,
+        source = named_for_tools(snapshot.path, workdir)
+        cmd = [sys.executable, "-c", BUILDER, "-i", str(source), "-o", str(out), "-p", native, "-e", target,
                "-c", str(workdir / "cache")]
         cmd += ["--extra_options", *extra] if extra else []
         log(f"{vid}: onnxruntime-genai builder -p {native} -e {target} {' '.join(extra)}")

@@ -13,8 +13,10 @@ an architecture transformers cannot load natively cannot be validated, so nothin
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 LONG_CONTEXT = "long_context"  # max_position_embeddings != original_max_position_embeddings (the 128k configs)
@@ -27,6 +29,7 @@ class FormatSupport:
     precision_classes: tuple[str, ...] | None = None  # None: every precision
     requires: str | None = None  # a config condition, e.g. LONG_CONTEXT
     restriction: str = ""  # the restriction in words, for plans and cards
+    broken: str = ""  # why the pinned tool fails on what it claims to build (tests/test_arch_fixtures.py checks it)
 
 
 @dataclass(frozen=True)
@@ -37,22 +40,30 @@ class Architecture:
     formats: Mapping[str, FormatSupport] = field(default_factory=dict)
     why_not: Mapping[str, str] = field(default_factory=dict)  # format -> why its tool cannot build it
     text_only: bool = True  # False: a multimodal model (hubbot builds text models only)
+    aliases: tuple[str, ...] = ()  # other spellings of ``name`` in config.json (transformers' own class name)
 
 
+ONNX_PHIMOE_BROKEN = ("onnxruntime-genai 0.18's builder cannot build PhiMoE: its Phi3MoELongRoPEModel has no "
+                      "LongRoPE rope setup (NotImplementedError: longrope) and reads the experts as transformers 4 "
+                      "held them (one module per expert under layer.block_sparse_moe), which transformers 5 fuses into "
+                      "layer.mlp.experts")
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture(
         "Phi3ForCausalLM", "phi3", True,
         formats={"gguf": FormatSupport("Phi3ForCausalLM"), "onnx": FormatSupport("Phi3ForCausalLM"),
                  "openvino": FormatSupport("phi3"), "mlx": FormatSupport("phi3")},
     ),
+    # the Hub's Phi-3.5-MoE, llama.cpp and onnxruntime-genai write PhiMoEForCausalLM; transformers 5 names the
+    # class PhimoeForCausalLM and writes that when it saves a model (a fine-tune's config.json)
     Architecture(
-        "PhiMoEForCausalLM", "phimoe", True,
+        "PhiMoEForCausalLM", "phimoe", True, aliases=("PhimoeForCausalLM",),
         formats={
             "gguf": FormatSupport("PhiMoEForCausalLM"),
             "onnx": FormatSupport("PhiMoEForCausalLM", targets=("cuda",), precision_classes=("int4",),
                                   requires=LONG_CONTEXT,
                                   restriction="onnxruntime-genai builds PhiMoE for CUDA in int4 only, and only from "
-                                              "long-context (LongRoPE) configs: MoE runs on CUDA only in ONNX Runtime"),
+                                              "long-context (LongRoPE) configs: MoE runs on CUDA only in ONNX Runtime",
+                                  broken=ONNX_PHIMOE_BROKEN),
             "openvino": FormatSupport("phimoe"), "mlx": FormatSupport("phimoe"),
         },
     ),
@@ -89,6 +100,33 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
 )}
 
 
+ALIASES: dict[str, str] = {alias: a.name for a in ARCHITECTURES.values() for alias in a.aliases}
+
+
+def canonical_architecture(architecture: str | None) -> str | None:
+    """The table's name for a config.json architecture (``PhimoeForCausalLM`` -> ``PhiMoEForCausalLM``)."""
+    return ALIASES.get(architecture, architecture) if architecture is not None else None
+
+
+def named_for_tools(folder: Path, workdir: Path) -> Path:
+    """``folder`` as the tools that dispatch on config.json's architecture name (llama.cpp's converter, the
+    onnxruntime-genai builder) know it: ``folder`` itself, or, when its config.json spells the architecture
+    by an alias (transformers 5's ``PhimoeForCausalLM``), a folder in ``workdir`` that links every file
+    but config.json, written with the table's name."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    written = (config.get("architectures") or [None])[0]
+    if canonical_architecture(written) == written:
+        return folder
+    staged = workdir / f"{folder.name}-as-{canonical_architecture(written)}"
+    staged.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.name != "config.json" and not (staged / f.name).exists():
+            (staged / f.name).symlink_to(f.resolve())
+    config["architectures"] = [canonical_architecture(written), *config["architectures"][1:]]
+    (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return staged
+
+
 def _long_context(config: Mapping[str, Any]) -> bool:
     original = config.get("original_max_position_embeddings")
     return original is not None and config.get("max_position_embeddings") != original
@@ -101,7 +139,7 @@ def architecture_unsupported(architecture: str | None) -> str | None:
     """Why nothing of ``architecture`` can be built, or None."""
     if architecture is None:
         return None
-    arch = ARCHITECTURES.get(architecture)
+    arch = ARCHITECTURES.get(canonical_architecture(architecture))
     if arch is None:
         return f"{architecture} is not in hubbot's support table (hubbot/backends/support.py)"
     if not arch.native_in_transformers:
@@ -118,7 +156,7 @@ def variant_unsupported(architecture: str | None, fmt: str, target: str, precisi
     whole = architecture_unsupported(architecture)
     if whole or architecture is None:
         return whole
-    arch = ARCHITECTURES[architecture]
+    arch = ARCHITECTURES[canonical_architecture(architecture)]
     support = arch.formats.get(fmt)
     if support is None:
         return arch.why_not.get(fmt, f"the {fmt} tool has no {architecture}")
@@ -130,4 +168,4 @@ def variant_unsupported(architecture: str | None, fmt: str, target: str, precisi
         holds, words = CONDITIONS[support.requires]
         if not holds(config):
             return support.restriction or f"{fmt} builds {architecture} only from {words}"
-    return None
+    return support.broken or None
