@@ -173,7 +173,7 @@ def test_plan_drops_what_a_tool_cannot_build_and_says_why(tmp_path):
 def test_plan_of_a_hub_repo_without_an_alias_drops_by_its_config(hub_env, tmp_path):
     """No alias names its architecture: the plan reads config.json from the Hub (never the weights)."""
     moe = _folder(tmp_path, "PhiMoEForCausalLM", "phimoe", max_position_embeddings=131072,
-                  original_max_position_embeddings=4096)
+                  original_max_position_embeddings=4096, **MOE)
     repo = "community/phimoe-clone"
     hub_env.seed_repo(repo, {p.name: p for p in moe.iterdir()})
     hub_env.reset_counters()
@@ -181,7 +181,8 @@ def test_plan_of_a_hub_repo_without_an_alias_drops_by_its_config(hub_env, tmp_pa
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["architecture"] == "PhiMoEForCausalLM"
-    assert {d["id"] for d in plan["dropped"]} == {"onnx-cpu-int4-rtn-block-32-acc-level-4", "onnx-cpu-fp32"}
+    assert {d["id"] for d in plan["dropped"]} == {"onnx-cpu-int4-rtn-block-32-acc-level-4", "onnx-cpu-fp32",
+                                                  "onnx-gpu-int4-rtn-block-32"}
     weights = (moe / "model.safetensors").stat().st_size
     assert hub_env.bytes_downloaded.get(f"{repo}/model.safetensors", 0) < weights / 2
 
