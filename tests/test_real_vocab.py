@@ -81,6 +81,7 @@ def _probe_recipes(folder: Path) -> Path:
     family["recipes"] = {"probe": {"description": "fp32 in every format", "variants": [
         {"format": "gguf", "precision": "fp32"}, {"format": "onnx", "precision": "fp32", "target": "cpu"},
         {"format": "openvino", "precision": "fp32"}, {"format": "mlx", "precision": "fp32"}]}}
+    family["watch"]["default_recipe"] = "probe"
     folder.mkdir()
     (folder / "phi.yaml").write_text(yaml.safe_dump(family, sort_keys=False))
     return folder
@@ -176,10 +177,9 @@ def test_misconverted_tokenizer_fails_the_probes(published, real_phi3, tmp_path,
     finally:
         runtime.close()
     assert probes.encode_failures > 10, probes.reasons
-    first = probes.reasons[0]
-    expected = "[1, 15043]" if fmt == "gguf" else "[10994]"
-    assert first.startswith("tokenizer probe (spaces) 'Hello': the runtime encodes it as ") and expected in first
-    assert first.endswith("the source tokenizer as [15043]")
+    hello = [r for r in probes.reasons if r.startswith("tokenizer probe (spaces) ' Hello': the runtime encodes it as ")]
+    assert hello and hello[0].endswith(", the source tokenizer as [29871, 15043]"), probes.reasons
+    print(f"{fmt} with a mis-converted tokenizer: {hello[0]}")
 
 
 @pytest.mark.slow

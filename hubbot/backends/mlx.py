@@ -260,8 +260,11 @@ class MLXRuntime:
         return list(self.tokenizer.encode(text))  # the HF tokenizer mlx-lm loads, special tokens added
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        # the streaming detokenizer mlx_lm.generate prints with, not the HF tokenizer under it
-        detokenizer = self.tokenizer.detokenizer
+        # the streaming detokenizer mlx_lm.generate prints with, not the HF tokenizer under it; made
+        # once (each ``TokenizerWrapper.detokenizer`` builds a new one, a pass over the whole vocabulary)
+        if not hasattr(self, "_detokenizer"):
+            self._detokenizer = self.tokenizer.detokenizer
+        detokenizer = self._detokenizer
         detokenizer.reset()
         for i in ids:
             detokenizer.add_token(int(i))
