@@ -204,7 +204,7 @@ def end_of_turn(tokenizer_dir: Path) -> tuple[str, int] | None:
                                    tokenize=False)
     after = text[text.index(marker) + len(marker):]
     specials = {t.content: i for i, t in tok.added_tokens_decoder.items() if t.special}
-    starts = [(after.find(s), s) for s in specials if s in after and s != tok.eos_token]
+    starts = [(after.find(s), s) for s in specials if s in after]
     if not starts:
         return None
     token = min(starts)[1]

@@ -45,8 +45,13 @@ def test_battery_covers_the_kinds_every_added_token_and_chat_turns():
     assert [s.added for s in chat.segments][:3] == [True, False, True]  # <|system|>, its text, <|end|>
 
 
-def test_end_of_turn_is_read_from_the_chat_template():
+def test_end_of_turn_is_read_from_the_chat_template(tmp_path):
     assert end_of_turn(EXAMPLE) == ("<|end|>", 1007)
+    phi4_like = tmp_path / "eos-is-end-of-turn"  # Phi-4: eos_token is <|im_end|>, the turn's own end
+    shutil.copytree(EXAMPLE, phi4_like)
+    config = json.loads((phi4_like / "tokenizer_config.json").read_text())
+    (phi4_like / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|end|>"}))
+    assert end_of_turn(phi4_like) == ("<|end|>", 1007)
 
 
 def test_shown_texts_allow_only_the_dummy_prefix_conventions():
