@@ -139,20 +139,24 @@ def shown_texts(segment: Segment) -> set[str]:
 
     Tokenizers encode the text between added tokens piece by piece, each piece with its own
     sentencepiece dummy prefix ("▁"), so each piece is decoded on its own too. An added token may
-    be shown or hidden (ORT GenAI's ``decode`` always hides special tokens, OpenVINO GenAI's does by
-    default, llama.cpp and mlx-lm show them). For a piece whose first token carries the dummy prefix,
-    transformers strips that one space; llama-cpp-python's ``detokenize`` and ORT GenAI's ``decode``
-    keep it (llama-cpp-python strips it only after BOS), and mlx-lm's streaming detokenizer trims
-    every leading space of a stream: the sentencepiece convention says the prefix is a word
-    boundary, not text, so these differ only in the leading spaces a user of that runtime sees at
-    the start of an answer. Any other difference (a lost or extra space inside the text, a wrong
-    byte, a wrong character) is a wrong detokenizer.
+    be shown or hidden (ORT GenAI's stream and ``decode`` hide special tokens, OpenVINO GenAI's does
+    by default, llama.cpp and mlx-lm show them).
+
+    The start of a decoded stream is where runtimes apply their display conventions, so leading
+    spaces may differ there and nowhere else: for a piece whose first token carries the dummy
+    prefix, transformers strips that one space while llama-cpp-python's ``detokenize`` and ORT
+    GenAI's decoder keep it (llama-cpp-python strips it only after BOS); mlx-lm's streaming
+    detokenizers, what ``mlx_lm.generate`` prints, trim a stream's leading space (sentencepiece:
+    all of them; byte-level BPE: one) so that an answer does not start with one. The sentencepiece
+    convention says the prefix is a word boundary, not text, and encode parity already pins the
+    ids of every leading space; any other difference (a space lost or added inside the text, a
+    wrong byte or character) is a wrong detokenizer.
     """
     if segment.added:
         return {segment.text, ""}
-    if not segment.dummy_prefix:
-        return {segment.text}
-    return {segment.text, " " + segment.text, segment.text.lstrip(" ")}
+    leading = len(segment.text) - len(segment.text.lstrip(" "))
+    trimmed = {segment.text[k:] for k in range(leading + 1)}
+    return trimmed | {" " + segment.text} if segment.dummy_prefix else trimmed
 
 
 def _show(ids: Sequence[int], limit: int = 24) -> str:

@@ -59,6 +59,7 @@ def test_shown_texts_allow_only_the_dummy_prefix_conventions():
     assert shown_texts(spm) == {"Hello", " Hello"}
     assert shown_texts(Segment([931, 571], " Hello", False, True)) == {" Hello", "  Hello", "Hello"}
     assert shown_texts(Segment([5, 6], "ello", False, False)) == {"ello"}
+    assert shown_texts(Segment([220, 18435], "  Hello a", False, False)) == {"  Hello a", " Hello a", "Hello a"}
     assert shown_texts(Segment([1007], "<|end|>", True, False)) == {"<|end|>", ""}
 
 
