@@ -4,8 +4,10 @@ The source's greedy continuations of the recipe's prompts (``hubbot.reference``)
 reference. Each variant is then
 judged on: tokenization parity, teacher-forced top-1 agreement over the reference continuation
 (one forward pass), the first position where its own greedy generation diverges, and the text
-it generates. A variant passes when tokenization matches on every prompt, it generates, and its
-agreement reaches the threshold for its precision.
+it generates. A variant passes when tokenization matches on every prompt, it generates, its
+agreement reaches the threshold for its precision, it passes the tokenizer probes
+(``hubbot.probes``: encode parity and the runtime's own detokenizer on strings the prompts lack)
+and its own generation config stops at the chat template's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .backends.base import Runtime
+from .probes import run_probes, stop_token_reason
 from .progress import step
 from .reference import Reference
 
@@ -44,6 +47,7 @@ class VariantReport:
     prompts: list[PromptResult] = field(default_factory=list)
     seconds: float = 0.0
     inspection: dict[str, Any] = field(default_factory=dict)
+    tokenizer_probes: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """For validation.json: everything but the timing, so identical builds give identical files."""
@@ -95,6 +99,19 @@ def judge(variant_id: str, precision: str, threshold: float, results: list[Promp
     return VariantReport(variant_id, precision, threshold, True, not reasons, round(agreement, 4), reasons, results)
 
 
+def check_tokenizer(runtime: Runtime, reference: Reference, report: VariantReport, log: Log = lambda _: None) -> None:
+    """The tokenizer probes and the stop token, added to ``report`` (a failure fails the variant)."""
+    if reference.tokenizer_dir is None:
+        return
+    probes = run_probes(runtime, reference.tokenizer_dir)
+    log(f"tokenizer probes: {probes.strings} strings in {probes.seconds:.2f} s, {probes.encode_failures} encode "
+        f"and {probes.decode_failures} decode failures")
+    report.tokenizer_probes = probes.summary()
+    reasons = probes.reasons + [r for r in [stop_token_reason(runtime, reference.tokenizer_dir)] if r]
+    report.reasons += reasons
+    report.passed = report.passed and not reasons
+
+
 def validate_variant(runtime: Runtime | None, reference: Reference, variant: Any,
                      inspection: dict[str, Any], log: Log = lambda _: None) -> VariantReport:
     """Judge one built variant; ``runtime`` None means it can only be checked structurally."""
@@ -106,6 +123,7 @@ def validate_variant(runtime: Runtime | None, reference: Reference, variant: Any
         try:
             results = compare(runtime, reference, lambda m: log(f"{variant.id}: {m}"))
             report = judge(variant.id, variant.native, variant.min_agreement, results)
+            check_tokenizer(runtime, reference, report, lambda m: log(f"{variant.id}: {m}"))
         finally:
             runtime.close()
     if not report.passed and inspection.get("known_difference"):

@@ -62,6 +62,12 @@ class Runtime(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...
 
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text for ``ids`` from the runtime's own detokenizer, special tokens shown, as its users see it."""
+
+    def stop_ids(self) -> set[int]:
+        """The ids that end generation by the runtime's own generation config (not the ones validation passes)."""
+
     def top1(self, ids: Sequence[int]) -> list[int]:
         """Greedy next-token prediction at every position of ``ids`` (one forward pass)."""
 

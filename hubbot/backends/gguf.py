@@ -355,6 +355,17 @@ class LlamaCppRuntime:
         # the GGUF's tokenizer.ggml.add_bos_token says so, as the HF tokenizer does.
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
 
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.llm.detokenize(list(ids), special=True).decode("utf-8", errors="replace")
+
+    def stop_ids(self) -> set[int]:
+        import llama_cpp
+
+        # llama.cpp ends generation at every end-of-generation token: eos, eot and the ones it
+        # recognises by name from the GGUF's vocabulary (<|end|>, <|im_end|> …)
+        vocab = self.llm._model.vocab
+        return {i for i in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+
     def top1(self, ids: Sequence[int]) -> list[int]:
         import numpy as np
 

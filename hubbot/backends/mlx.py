@@ -260,6 +260,21 @@ class MLXRuntime:
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))  # the HF tokenizer mlx-lm loads, special tokens added
 
+    def detokenize(self, ids: Sequence[int]) -> str:
+        # the streaming detokenizer mlx_lm.generate prints with, not the HF tokenizer under it; made
+        # once (each ``TokenizerWrapper.detokenizer`` builds a new one, a pass over the whole vocabulary)
+        if not hasattr(self, "_detokenizer"):
+            self._detokenizer = self.tokenizer.detokenizer
+        detokenizer = self._detokenizer
+        detokenizer.reset()
+        for i in ids:
+            detokenizer.add_token(int(i))
+        detokenizer.finalize()
+        return detokenizer.text
+
+    def stop_ids(self) -> set[int]:
+        return set(self.tokenizer.eos_token_ids)  # what mlx_lm.generate stops at
+
     def top1(self, ids: Sequence[int]) -> list[int]:
         import mlx.core as mx
 

@@ -345,11 +345,22 @@ class OrtGenAIRuntime:
         self.og = og
         self.model = og.Model(str(folder))
         self.tokenizer = og.Tokenizer(self.model)
-        bos = json.loads((folder / "genai_config.json").read_text())["model"].get("bos_token_id")
+        self.config = json.loads((folder / "genai_config.json").read_text())["model"]
+        bos = self.config.get("bos_token_id")
         self.prefix = [int(bos)] if bos is not None and hf_tokenizer_adds_bos(folder) else []
 
     def tokenize(self, text: str) -> list[int]:
         return self.prefix + [int(i) for i in self.tokenizer.encode(text)]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        # token by token through a tokenizer stream, as onnxruntime-genai's own examples print answers
+        # (``Tokenizer.decode`` of one special token alone returns U+FFFD; the stream shows nothing)
+        stream = self.tokenizer.create_stream()
+        return "".join(stream.decode(int(i)) for i in ids)
+
+    def stop_ids(self) -> set[int]:
+        eos = self.config.get("eos_token_id")  # the generator is done at any of these
+        return {int(i) for i in (eos if isinstance(eos, list) else [eos] if eos is not None else [])}
 
     def _generator(self, ids: Sequence[int], max_length: int):
         params = self.og.GeneratorParams(self.model)

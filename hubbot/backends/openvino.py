@@ -284,6 +284,13 @@ class OpenVINORuntime:
     def tokenize(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=True).input_ids.data[0]]
 
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def stop_ids(self) -> set[int]:
+        config = self.pipe.get_generation_config()  # generation_config.json, completed from the tokenizer IR
+        return {int(i) for i in config.stop_token_ids} | ({config.eos_token_id} if config.eos_token_id >= 0 else set())
+
     def top1(self, ids: Sequence[int]) -> list[int]:
         import numpy as np
 
