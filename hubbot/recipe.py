@@ -252,12 +252,19 @@ def _whole_number(c: _Checker, raw: dict, key: str, default: int, low: int, high
     return value
 
 
+def heldout_path(recipe_file: Path, name: str) -> Path:
+    """``heldout/<name>.txt`` beside the recipe file, else the one shipped with hubbot's recipes."""
+    own = recipe_file.parent / "heldout" / f"{name}.txt"
+    shipped = bundled("recipes") / "heldout" / f"{name}.txt"
+    return own if own.is_file() or not shipped.is_file() else shipped
+
+
 def _parse_metrics(c: _Checker, raw: dict) -> dict[str, Any]:
     """The held-text metrics and the chat gate (hubbot.metrics, hubbot.validate)."""
     heldout, text = raw.get("heldout"), ""
     if heldout is not None:
         c.typed(heldout, "validation.heldout", str, "the name of a text file under heldout/")
-        path = c.path.parent / "heldout" / f"{heldout}.txt"
+        path = heldout_path(c.path, heldout)
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

@@ -136,7 +136,11 @@ def test_chart_is_byte_reproducible(tmp_path):
     def render(kld: str) -> bytes:
         return subprocess.run([sys.executable, "-c", script, kld], env=env, check=True, capture_output=True).stdout
 
-    first, second, other = render("0.08"), render("0.08"), render("0.09")
+    from hubbot.chart import Point, size_vs_kld_png
+
+    first, second = render("0.08"), render("0.08")
+    other = size_vs_kld_png([Point("u/m-GGUF", "m-Q4_K_M.gguf", "gguf", "Q4_K_M", "cpu", 2_400_000, 0.09, 1.01,
+                                   0.93, True)], "m: size vs. loss")
     assert first[:8] == b"\x89PNG\r\n\x1a\n" and first == second and first != other
     assert b"Software" not in first and b"Matplotlib" not in first
 
@@ -148,7 +152,7 @@ def test_stored_kld_is_close_to_exact(tiny_phi3):
 
     settings = load_family(ROOT / "recipes" / "phi.yaml").validation
     source, variant = TransformersRuntime(tiny_phi3, "float32"), TransformersRuntime(tiny_phi3, "bfloat16")
-    ids, prefix = source.tokenize(settings.heldout_text)[:1536], source.tokenize("")  # 3 windows: enough here
+    ids, prefix = source.tokenize(settings.heldout_text)[:1024], source.tokenize("")  # 2 windows: enough here
     exact = []
     for w in windows(ids, prefix, settings.heldout_window):
         r = scored_range(w, prefix)
@@ -156,7 +160,7 @@ def test_stored_kld_is_close_to_exact(tiny_phi3):
     exact = np.concatenate(exact)
     stored = compare_distributions(variant.numpy_logits, source_distribution(
         source.numpy_logits, ids, prefix, settings.heldout_window, settings.heldout_top_k))
-    assert stored.positions == len(exact) > 1500
-    assert 0 < stored.mean_kld <= exact.mean() * 1.0001  # a lower bound …
+    assert stored.positions == len(exact) > 1000
+    assert 0 < stored.mean_kld <= exact.mean() * 1.001  # a lower bound (rounded to 4 digits) …
     assert stored.mean_kld >= exact.mean() * 0.99  # … within 1%
     assert abs(stored.p99_kld - np.percentile(exact, 99)) <= 0.01 * np.percentile(exact, 99)

@@ -60,7 +60,7 @@ def test_wheel_holds_every_recipe_and_template(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder in ("recipes", "templates"):
         shipped = {n.split("/", 2)[2] for n in names if n.startswith(f"hubbot/{folder}/")}
-        assert shipped == {p.name for p in (ROOT / folder).iterdir() if p.is_file()}
+        assert shipped == {p.relative_to(ROOT / folder).as_posix() for p in (ROOT / folder).rglob("*") if p.is_file()}
 
 
 def test_installed_wheel_lists_recipes_and_publishes_the_example(installed, tiny_phi3, tmp_path):
