@@ -32,7 +32,8 @@ def _field(reader: GGUFReader, key: str):
 def test_repo_folder_has_every_file(preview, tiny_phi3):
     name = tiny_phi3.name
     assert {p.name for p in preview.iterdir()} == {
-        f"{name}-Q4_K_M.gguf", f"{name}-Q8_0.gguf", f"{name}-F16.gguf", "README.md", "validation.json", "hubbot.json"}
+        f"{name}-Q4_K_M.gguf", f"{name}-Q8_0.gguf", f"{name}-F16.gguf", "README.md", "validation.json", "hubbot.json",
+        "quality.png"}
 
 
 @pytest.mark.parametrize("quant, main_type", [("Q4_K_M", "Q4_K"), ("Q8_0", "Q8_0"), ("F16", "F16")])

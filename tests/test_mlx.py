@@ -90,6 +90,7 @@ def test_every_variant_passed_validation_in_mlx(preview, tiny_phi3):
         assert v["executed"] and v["passed"], v["reasons"]
         assert v["agreement"] >= threshold
         assert len(v["prompts"]) == 6 and all(p["tokens_match"] for p in v["prompts"])
+        assert 0 < v["distribution"]["mean_kld"] <= v["max_mean_kld"]
         assert v["inspection"]["quantization"]["bits"] == int(quant[0])
         reference = {p["name"]: p["continuation"] for p in report["reference"]}
         assert reference["count"].lstrip().startswith("6, 7, 8")

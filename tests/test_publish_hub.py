@@ -19,7 +19,7 @@ from tests.conftest import SENTINEL_TOKEN, USER
 
 SOURCE_REPO = "microsoft/Phi-3-tiny-test"
 EDGE_FILES = {"Phi-3-tiny-test-Q4_K_M.gguf", "Phi-3-tiny-test-Q8_0.gguf", "Phi-3-tiny-test-F16.gguf",
-              "README.md", "validation.json", "hubbot.json"}
+              "README.md", "validation.json", "hubbot.json", "quality.png"}
 REPO = f"{USER}/Phi-3-tiny-test-GGUF"
 
 pytestmark = [pytest.mark.usefixtures("transfer"),
