@@ -92,7 +92,8 @@ def validate_built(backend: Backend, variant: Variant, snapshot: Snapshot, repo_
         return VariantReport(variant.id, variant.native, variant.min_agreement, False, False, reasons=[str(e)])
     report = validate_variant(backend.load(variant, repo_dir), reference.get(), variant, inspection, log)
     verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.reasons)
-    log(f"{variant.id}: agreement {report.agreement} (threshold {report.threshold}) — {verdict}")
+    kld = f", mean KLD {report.distribution['mean_kld']:.4g}" if report.distribution else ""
+    log(f"{variant.id}: agreement {report.agreement} (threshold {report.threshold}){kld} — {verdict}")
     return report
 
 
