@@ -182,8 +182,10 @@ def _publish_repo(plan: Plan, repo: RepoPlan, source: SourceInfo, by_variant: di
     if elsewhere:
         return RepoOutcome(repo_id, "failed", message=f"pre-uploaded to another repo: {', '.join(elsewhere)}; "
                                                       f"publish under the namespace the builds used")
+    release = [(r.repo_id(target.namespace), by_variant[v.id].result) for r in plan.repos for v in r.variants
+               if v.id in by_variant]  # every format's measurements, for the chart and the picks
     record = RepoRecord(repo_id, plan, repo, source, {b.variant_id: b.result for b in builds},
-                        builds[0].data["reference"], tools)
+                        builds[0].data["reference"], tools, release)
     if not record.failed and up_to_date(target, repo_id, record.key, plan=plan, repo=repo, commit=source.commit,
                                         force=force, log=log):
         return RepoOutcome(repo_id, "up-to-date")

@@ -20,6 +20,7 @@ import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
+from .chart import CHART_FILE, picks, points
 from .paths import bundled
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ def render_card(record: RepoRecord) -> str:
     backend, source, plan = record.backend, record.source, record.plan
     metadata = card_metadata(source, backend)
     rows = [card_row(r.row()) for r in record.ordered]
+    measured = points(record.release_results())
     body = env.get_template(backend.template).render(
         repo_id=record.repo_id, model_name=source.model_name, base_model=source.base_model,
         source=source.public_name, commit=source.commit, license=metadata.license,
@@ -97,6 +99,8 @@ def render_card(record: RepoRecord) -> str:
         rows=rows, recommended=recommended(rows), reference=record.reference, tools=record.tools,
         hubbot_version=__version__, parameters=plan.parameters, architecture=plan.architecture,
         dropped=shown_dropped(plan, record.repo.name),
+        chart=CHART_FILE if measured else None, measured=measured, picks=picks(measured),
+        heldout=next((r["distribution"] for r in rows if r.get("distribution")), None),
     )
     content = f"---\n{metadata.to_yaml()}\n---\n\n{body}"
     ModelCard(content)  # parses the metadata back; raises if it is not valid card YAML

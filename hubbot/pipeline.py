@@ -92,7 +92,8 @@ def validate_built(backend: Backend, variant: Variant, snapshot: Snapshot, repo_
         return VariantReport(variant.id, variant.native, variant.min_agreement, False, False, reasons=[str(e)])
     report = validate_variant(backend.load(variant, repo_dir), reference.get(), variant, inspection, log)
     verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.reasons)
-    log(f"{variant.id}: agreement {report.agreement} (threshold {report.threshold}) — {verdict}")
+    kld = f", mean KLD {report.distribution['mean_kld']:.4g}" if report.distribution else ""
+    log(f"{variant.id}: agreement {report.agreement} (threshold {report.threshold}){kld} — {verdict}")
     return report
 
 
@@ -208,6 +209,7 @@ class Publisher:
     def run(self, plan: Plan, snapshot: Snapshot) -> list[RepoOutcome]:
         """Every repo of the plan; one that fails (its build, the Hub) is reported and the others go on."""
         reference = LazyReference(snapshot, self.log)
+        self.release: list[tuple[str, VariantResult]] = []  # the repos built so far, for the chart
         return run_each([(repo.repo_id(self.target.namespace),
                           lambda repo=repo: self.run_repo(plan, repo, snapshot, reference)) for repo in plan.repos],
                         self.log)
@@ -227,6 +229,7 @@ class Publisher:
             repo_dir.mkdir()
             work.mkdir()
             results = build_and_validate(backend, repo.variants, snapshot, repo_dir, work, reference, self.log)
+            self.release += [(repo_id, r) for r in results.values()]
             record = RepoRecord(repo_id, plan, repo, SourceInfo.from_snapshot(snapshot), results,
-                                reference.summary(), tools)
+                                reference.summary(), tools, list(self.release))
             return publish_staged(self.target, stage_repo(record, repo_dir), self.log)

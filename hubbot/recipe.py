@@ -60,12 +60,25 @@ class ValidationSettings:
     prompts: tuple[Prompt, ...]
     thresholds: dict[str, float]
     max_new_tokens: int = 16
+    heldout: str | None = None  # name of the held text (recipes/heldout/<name>.txt): KLD and perplexity
+    heldout_text: str = ""  # its content (so the reference's key changes when the text does)
+    heldout_window: int = 512  # tokens per teacher-forced window over the held text
+    heldout_top_k: int = 64  # source log-probs kept per position in the reference (hubbot.metrics)
+    max_mean_kld: dict[str, float] = field(default_factory=dict)  # by precision class or native type
+    chat_gate_tokens: int = 0  # a chat answer diverging before this many tokens fails the variant
 
     def threshold(self, native: str, precision_class: str) -> float:
         for key in (native, native.lower(), precision_class):
             if key in self.thresholds:
                 return self.thresholds[key]
         return DEFAULT_THRESHOLDS.get(precision_class, 0.0)
+
+    def max_kld(self, native: str, precision_class: str) -> float | None:
+        """The largest mean KLD a variant may have over the held text; None: not gated."""
+        for key in (native, native.lower(), precision_class):
+            if key in self.max_mean_kld:
+                return self.max_mean_kld[key]
+        return None
 
 
 @dataclass(frozen=True)
@@ -206,7 +219,8 @@ def _parse_variant(c: _Checker, raw: Any, key: str) -> VariantSpec:
 
 
 def _parse_validation(c: _Checker, raw: Any) -> ValidationSettings:
-    c.mapping(raw, "validation", {"prompts", "thresholds", "max_new_tokens"})
+    c.mapping(raw, "validation", {"prompts", "thresholds", "max_new_tokens", "heldout", "heldout_window",
+                                  "heldout_top_k", "max_mean_kld", "chat_gate_tokens"})
     prompts = []
     for i, p in enumerate(c.typed(raw.get("prompts", DEFAULT_PROMPTS), "validation.prompts", list, "a list")):
         key = f"validation.prompts[{i}]"
@@ -228,7 +242,50 @@ def _parse_validation(c: _Checker, raw: Any) -> ValidationSettings:
     max_new = c.typed(raw.get("max_new_tokens", 16), "validation.max_new_tokens", int, "a whole number")
     if not 1 <= max_new <= 512:
         raise c.fail("validation.max_new_tokens", f"must be from 1 to 512, got {max_new}")
-    return ValidationSettings(tuple(prompts), thresholds, max_new)
+    return ValidationSettings(tuple(prompts), thresholds, max_new, **_parse_metrics(c, raw))
+
+
+def _whole_number(c: _Checker, raw: dict, key: str, default: int, low: int, high: int) -> int:
+    value = c.typed(raw.get(key, default), f"validation.{key}", int, "a whole number")
+    if not low <= value <= high:
+        raise c.fail(f"validation.{key}", f"must be from {low} to {high}, got {value}")
+    return value
+
+
+def heldout_path(recipe_file: Path, name: str) -> Path:
+    """``heldout/<name>.txt`` beside the recipe file, else the one shipped with hubbot's recipes."""
+    own = recipe_file.parent / "heldout" / f"{name}.txt"
+    shipped = bundled("recipes") / "heldout" / f"{name}.txt"
+    return own if own.is_file() or not shipped.is_file() else shipped
+
+
+def _parse_metrics(c: _Checker, raw: dict) -> dict[str, Any]:
+    """The held-text metrics and the chat gate (hubbot.metrics, hubbot.validate)."""
+    heldout, text = raw.get("heldout"), ""
+    if heldout is not None:
+        c.typed(heldout, "validation.heldout", str, "the name of a text file under heldout/")
+        path = heldout_path(c.path, heldout)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise c.fail("validation.heldout", f"cannot read {path} ({type(e).__name__}); put the held text "
+                                               f"there as UTF-8") from None
+        if len(text.split()) < 200:
+            raise c.fail("validation.heldout", f"{path} has {len(text.split())} words; a held text needs "
+                                               f"at least 200 (1-2k tokens) to measure anything")
+    max_kld = {}
+    for name, value in c.mapping(raw.get("max_mean_kld", {}), "validation.max_mean_kld",
+                                 _all_precision_names()).items():
+        c.typed(value, f"validation.max_mean_kld.{name}", (int, float), "a number of nats, 0 or more")
+        if value < 0:
+            raise c.fail(f"validation.max_mean_kld.{name}", f"must be 0 or more, got {value}")
+        max_kld[name] = float(value)
+    if max_kld and heldout is None:
+        raise c.fail("validation.max_mean_kld", "needs validation.heldout, the text the KLD is measured on")
+    return {"heldout": heldout, "heldout_text": text, "max_mean_kld": max_kld,
+            "heldout_window": _whole_number(c, raw, "heldout_window", 512, 16, 8192),
+            "heldout_top_k": _whole_number(c, raw, "heldout_top_k", 64, 1, 4096),
+            "chat_gate_tokens": _whole_number(c, raw, "chat_gate_tokens", 0, 0, 512)}
 
 
 def _all_precision_names() -> set[str]:

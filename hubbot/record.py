@@ -79,6 +79,7 @@ class VariantResult:
             "executed": r["executed"],
             "tokens_match": all(p["tokens_match"] for p in prompts) if r["executed"] else None,
             "divergence": divergence or "—", "details": self.details, "build_seconds": round(self.build_seconds, 2),
+            "distribution": r.get("distribution"), "max_mean_kld": r.get("max_mean_kld"),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +104,9 @@ class RepoRecord:
     results: dict[str, VariantResult]  # by variant id
     reference: list[dict[str, Any]]
     tools: dict[str, str]
+    # the other repos of the release known when this one is staged, as (repo id, result): with these
+    # the chart and the picks compare every format (a fan-out publish knows them all)
+    release: list[tuple[str, VariantResult]] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -129,6 +133,18 @@ class RepoRecord:
                            "reference": self.reference, "variants": [r.report for r in self.ordered]},
                           indent=2, default=str)
 
+    def release_results(self) -> list[tuple[str, VariantResult]]:
+        """This repo's results and the rest of the release's, each variant once."""
+        mine = [(self.repo_id, r) for r in self.ordered]
+        return mine + [(repo, r) for repo, r in self.release if repo != self.repo_id]
+
+    def chart_png(self) -> bytes | None:
+        """The size-vs-KLD chart of the release, or None when no variant was measured on the held text."""
+        from .chart import points, size_vs_kld_png
+
+        found = points(self.release_results())
+        return size_vs_kld_png(found, f"{self.source.model_name}: size vs. loss") if found else None
+
     def card(self) -> str:
         from .card import render_card
 
@@ -152,7 +168,12 @@ class RepoRecord:
     def write(self, repo_dir: Path, preuploaded: Preuploaded | None = None) -> None:
         """validation.json, README.md and hubbot.json beside the variants' files (the manifest last: it
         lists every other file's digest, and the ``preuploaded`` ones')."""
+        from .chart import CHART_FILE
+
         (repo_dir / REPORT).write_text(self.validation_json())
+        chart = self.chart_png()
+        if chart:
+            (repo_dir / CHART_FILE).write_bytes(chart)
         (repo_dir / "README.md").write_text(self.card())
         (repo_dir / MANIFEST).write_text(self.manifest_json(repo_dir, preuploaded))
 

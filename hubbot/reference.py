@@ -10,6 +10,11 @@ bytes per parameter — 15 GB for a 3.8B model, 59 GB for phi-4.
 A reference is computed once per source commit and validation settings and cached on disk
 (``~/.cache/hubbot/references/<key>.json``); ``hubbot reference`` writes one to a file and
 ``hubbot build --reference FILE`` reuses it, so N fanned-out build jobs do not each pay for it.
+
+With ``validation.heldout`` the reference also holds the source's next-token distributions over
+the held text (``hubbot.metrics.SourceDistribution``: top-K log-probs per position, compressed
+inside the same JSON file, ~1 MB at real size), which the variants' KLD and perplexity are
+measured against.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from typing import Any
 
 from . import __version__
 from .errors import UsageError
+from .metrics import SourceDistribution, source_distribution
 from .paths import cache_root
 from .progress import Step, step
 from .recipe import Prompt, ValidationSettings, stable_hash
 from .source import config_dtype
 
 Log = Callable[[str], None]
-FORMAT = 1  # bump when what a reference holds or how it is computed changes
+FORMAT = 2  # bump when what a reference holds or how it is computed changes
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
@@ -86,6 +92,9 @@ class TransformersRuntime:
     def top1(self, ids: Sequence[int]) -> list[int]:
         return self.logits(ids).argmax(-1).tolist()
 
+    def numpy_logits(self, ids: Sequence[int]):
+        return self.logits(ids).numpy()
+
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
                  on_token: Callable[[int], None] | None = None) -> list[int]:
         """Greedy continuation; ``on_token(n)`` is called as the n-th new token comes out."""
@@ -131,6 +140,8 @@ class Reference:
     prompts: list[PreparedPrompt]
     seconds: float = 0.0
     tokenizer_dir: Path | None = None  # where decode() finds the source's tokenizer
+    heldout: SourceDistribution | None = None  # the source over the held text (validation.heldout)
+    settings: ValidationSettings | None = None  # what it was computed for (the gates validation applies)
 
     def decode(self, ids: Sequence[int]) -> str:
         if not hasattr(self, "_tokenizer"):
@@ -146,7 +157,8 @@ class Reference:
     def to_json(self) -> str:
         data = {"hubbot": __version__, "format": FORMAT, "key": self.key, "source_commit": self.source_commit,
                 "dtype": self.dtype, "stop_ids": self.stop_ids, "seconds": self.seconds,
-                "prompts": [asdict(p) for p in self.prompts]}
+                "prompts": [asdict(p) for p in self.prompts],
+                "heldout": self.heldout.to_json() if self.heldout else None}
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -154,8 +166,9 @@ class Reference:
         data = json.loads(text)
         if data.get("format") != FORMAT:
             raise ValueError(f"reference format {data.get('format')}, expected {FORMAT}")
+        heldout = SourceDistribution.from_json(data["heldout"]) if data.get("heldout") else None
         return cls(data["key"], data["source_commit"], data["dtype"], data["stop_ids"],
-                   [PreparedPrompt(**p) for p in data["prompts"]], data.get("seconds", 0.0), tokenizer_dir)
+                   [PreparedPrompt(**p) for p in data["prompts"]], data.get("seconds", 0.0), tokenizer_dir, heldout)
 
 
 def compute_reference(model_dir: Path, commit: str, settings: ValidationSettings, config: dict[str, Any],
@@ -173,10 +186,21 @@ def compute_reference(model_dir: Path, commit: str, settings: ValidationSettings
                 shown.advance()
                 log(f"reference: prompt '{p.name}' done ({len(prompts)}/{len(settings.prompts)}, "
                     f"{time.monotonic() - started:.0f} s)")
+        heldout = _heldout(rt, settings, log) if settings.heldout else None
     finally:
         rt.close()
     return Reference(reference_key(commit, settings, dtype), commit, dtype, rt.stop_ids, prompts,
-                     round(time.monotonic() - started, 1), model_dir)
+                     round(time.monotonic() - started, 1), model_dir, heldout, settings)
+
+
+def _heldout(rt: TransformersRuntime, settings: ValidationSettings, log: Log) -> SourceDistribution:
+    ids, prefix = rt.tokenize(settings.heldout_text), rt.tokenize("")
+    with step("reference: held text", log=log) as shown:
+        dist = source_distribution(rt.numpy_logits, ids, prefix, settings.heldout_window, settings.heldout_top_k,
+                                   lambda i, n: shown.update(info=f"window {i}/{n}"))
+    log(f"reference: held text '{settings.heldout}', {dist.positions} positions, source perplexity "
+        f"{dist.perplexity():.3f}")
+    return dist
 
 
 def _prepare(rt: TransformersRuntime, prompt: Prompt, max_new_tokens: int, shown: Step) -> PreparedPrompt:
@@ -215,11 +239,14 @@ def obtain_reference(model_dir: Path, commit: str, settings: ValidationSettings,
     key = reference_key(commit, settings, source_dtype(config))
     if preset:
         log(f"using the reference in {preset}")
-        return read_reference_file(preset, key, model_dir)
+        reference = read_reference_file(preset, key, model_dir)
+        reference.settings = settings
+        return reference
     cached = cache_path(key)
     if cached.is_file():
         try:
             reference = Reference.from_json(cached.read_text(), model_dir)
+            reference.settings = settings
             log(f"using the cached reference {cached} (computed in {reference.seconds:.0f} s)")
             return reference
         except (ValueError, KeyError, TypeError):

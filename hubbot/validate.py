@@ -8,6 +8,14 @@ it generates. A variant passes when tokenization matches on every prompt, it gen
 agreement reaches the threshold for its precision, it passes the tokenizer probes
 (``hubbot.probes``: encode parity and the runtime's own detokenizer on strings the prompts lack)
 and its own generation config stops at the chat template's end-of-turn token.
+
+Two gates come on top when the recipe sets them (``hubbot.recipe.ValidationSettings``):
+
+- the held text (``validation.heldout``): the variant's mean KL divergence from the source over it
+  (``hubbot.metrics``) must not exceed ``validation.max_mean_kld`` for its precision;
+- the chat path (``validation.chat_gate_tokens: N``): on a chat prompt the variant's greedy answer
+  must not leave the source's within its first N tokens, whatever its average agreement — a user
+  reads the first tokens of an answer first.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .backends.base import Runtime
+from .metrics import DistributionMetrics, compare_distributions
 from .probes import run_probes, stop_token_reason
 from .progress import step
 from .reference import Reference
@@ -33,6 +42,8 @@ class PromptResult:
     total: int
     first_divergence: int | None  # None: greedy output equals the reference
     generated_text: str
+    chat: bool = False
+    divergence: str | None = None  # at first_divergence: "expected '…', got '…'" (the tokens' text)
 
 
 @dataclass
@@ -48,6 +59,8 @@ class VariantReport:
     seconds: float = 0.0
     inspection: dict[str, Any] = field(default_factory=dict)
     tokenizer_probes: dict[str, Any] = field(default_factory=dict)
+    max_mean_kld: float | None = None  # None: no KLD gate for this variant's precision
+    distribution: dict[str, Any] | None = None  # DistributionMetrics over the held text
 
     def to_dict(self) -> dict[str, Any]:
         """For validation.json: everything but the timing, so identical builds give identical files."""
@@ -84,8 +97,38 @@ def compare(runtime: Runtime, reference: Reference, log: Log = lambda _: None) -
             log(f"greedy generation {i}/{n} ({time.monotonic() - started:.0f} s)")
     return [PromptResult(name=p.name, tokens_match=runtime.tokenize(p.text) == p.ids, matched=m,
                          total=len(p.continuation), first_divergence=first_divergence(g, p.continuation),
-                         generated_text=reference.decode(g))
+                         generated_text=reference.decode(g), chat=p.chat,
+                         divergence=describe_divergence(reference, g, p.continuation))
             for p, m, g in zip(reference.prompts, matched, generated)]
+
+
+def describe_divergence(reference: Reference, generated: Sequence[int], expected: Sequence[int]) -> str | None:
+    """What the source says and what the variant says from the first token where they part."""
+    at = first_divergence(generated, expected)
+    if at is None:
+        return None
+    return (f"expected {reference.decode(expected[at: at + 3])!r}, "
+            f"got {reference.decode(generated[at: at + 3]) if at < len(generated) else '(end)'!r}")
+
+
+def measure_distribution(runtime: Runtime, reference: Reference, log: Log = lambda _: None) -> DistributionMetrics:
+    """KLD, top-1 agreement and perplexity over the held text, one window at a time."""
+    with step("held text", total=len(reference.heldout.windows), log=log) as shown:
+        return compare_distributions(runtime.logits, reference.heldout, lambda i, n: shown.advance())
+
+
+def chat_gate(results: Sequence[PromptResult], tokens: int) -> list[str]:
+    """Reasons for every chat prompt whose greedy answer leaves the source's within ``tokens`` tokens."""
+    return [f"chat prompt '{r.name}': the greedy answer leaves the source's at token {r.first_divergence} "
+            f"(within the first {tokens}): {r.divergence}"
+            for r in results if r.chat and r.first_divergence is not None and r.first_divergence < tokens]
+
+
+def kld_gate(metrics: DistributionMetrics, max_mean_kld: float | None) -> list[str]:
+    if max_mean_kld is None or metrics.mean_kld <= max_mean_kld:
+        return []
+    return [f"mean KL divergence from the source over the held text {metrics.mean_kld:.4g} is above "
+            f"{max_mean_kld:.4g} (p99 {metrics.p99_kld:.4g}, perplexity ratio {metrics.perplexity_ratio:.3f})"]
 
 
 def judge(variant_id: str, precision: str, threshold: float, results: list[PromptResult]) -> VariantReport:
@@ -123,6 +166,7 @@ def validate_variant(runtime: Runtime | None, reference: Reference, variant: Any
         try:
             results = compare(runtime, reference, lambda m: log(f"{variant.id}: {m}"))
             report = judge(variant.id, variant.native, variant.min_agreement, results)
+            apply_gates(report, runtime, reference, variant, log)
             check_tokenizer(runtime, reference, report, lambda m: log(f"{variant.id}: {m}"))
         finally:
             runtime.close()
@@ -132,3 +176,17 @@ def validate_variant(runtime: Runtime | None, reference: Reference, variant: Any
     report.inspection = inspection
     report.seconds = round(time.monotonic() - started, 2)
     return report
+
+
+def apply_gates(report: VariantReport, runtime: Runtime, reference: Reference, variant: Any, log: Log) -> None:
+    """The recipe's held-text and chat-path gates, added to ``report`` (its reasons decide ``passed``)."""
+    settings = reference.settings
+    if settings is None:
+        return
+    report.reasons += chat_gate(report.prompts, settings.chat_gate_tokens)
+    if reference.heldout is not None:
+        metrics = measure_distribution(runtime, reference, lambda m: log(f"{variant.id}: {m}"))
+        report.distribution = metrics.to_dict()
+        report.max_mean_kld = settings.max_kld(variant.native, variant.precision_class)
+        report.reasons += kld_gate(metrics, report.max_mean_kld)
+    report.passed = not report.reasons

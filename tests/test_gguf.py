@@ -32,7 +32,8 @@ def _field(reader: GGUFReader, key: str):
 def test_repo_folder_has_every_file(preview, tiny_phi3):
     name = tiny_phi3.name
     assert {p.name for p in preview.iterdir()} == {
-        f"{name}-Q4_K_M.gguf", f"{name}-Q8_0.gguf", f"{name}-F16.gguf", "README.md", "validation.json", "hubbot.json"}
+        f"{name}-Q4_K_M.gguf", f"{name}-Q8_0.gguf", f"{name}-F16.gguf", "README.md", "validation.json", "hubbot.json",
+        "quality.png"}
 
 
 @pytest.mark.parametrize("quant, main_type", [("Q4_K_M", "Q4_K"), ("Q8_0", "Q8_0"), ("F16", "F16")])
@@ -59,6 +60,11 @@ def test_every_variant_passed_validation(preview):
         assert all(p["tokens_match"] for p in v["prompts"])
         assert len(v["prompts"]) == 6
     assert by_id["gguf-F16"]["agreement"] == 1.0
+    # over the held text quantization loses measurably, in the order of the bits, within the recipe's limits
+    kld = {vid: v["distribution"]["mean_kld"] for vid, v in by_id.items()}
+    assert kld["gguf-Q4_K_M"] > 10 * kld["gguf-Q8_0"] > 10 * kld["gguf-F16"] > 0
+    assert all(v["distribution"]["mean_kld"] <= v["max_mean_kld"] for v in by_id.values())
+    assert all(v["distribution"]["positions"] > 2000 for v in by_id.values())
     # the reference is meaningful: the source model answers the prompts correctly
     reference = {p["name"]: p["continuation"] for p in report["reference"]}
     assert reference["count"].lstrip().startswith("6, 7, 8")

@@ -58,7 +58,7 @@ def preview(tiny_phi3, recipes, tmp_path_factory) -> Path:
 
 def test_one_repo_with_one_folder_per_variant(preview):
     assert {p.name for p in preview.iterdir()} == {"cpu_and_mobile", "gpu", "README.md", "validation.json",
-                                                   "hubbot.json"}
+                                                   "hubbot.json", "quality.png"}
     for folder in FOLDERS:
         assert {p.name for p in (preview / folder).iterdir()} == VARIANT_FILES
 
@@ -91,6 +91,10 @@ def test_cpu_variants_executed_and_gpu_only_checked(preview):
         assert v["inspection"]["tokenizer_adds_bos"] is False
     assert by_id["onnx-cpu-fp32"]["agreement"] == 1.0
     assert by_id["onnx-cpu-int4-rtn-block-32-acc-level-4"]["agreement"] >= 0.85
+    # onnxruntime-genai's logits over the held text: int4 loses measurably, fp32 next to nothing
+    kld = {vid: by_id[vid]["distribution"]["mean_kld"] for vid in ("onnx-cpu-int4-rtn-block-32-acc-level-4",
+                                                                    "onnx-cpu-fp32")}
+    assert kld["onnx-cpu-int4-rtn-block-32-acc-level-4"] > 0.005 > 1e-6 > kld["onnx-cpu-fp32"]
     gpu = by_id["onnx-gpu-fp16"]
     assert not gpu["executed"] and gpu["passed"] and gpu["agreement"] is None
     assert gpu["inspection"]["provider"] == "cuda" and gpu["inspection"]["logits_dtype"] == "FLOAT16"

@@ -130,6 +130,7 @@ def test_every_variant_passed_validation(preview, tiny_phi3):
         assert v["passed"] and v["executed"], v["reasons"]
         assert v["agreement"] >= threshold
         assert len(v["prompts"]) == 6 and all(p["tokens_match"] for p in v["prompts"])
+        assert 0 < v["distribution"]["mean_kld"] <= v["max_mean_kld"]
         assert v["inspection"]["chat_template_matches_source"]
         count = next(p for p in v["prompts"] if p["name"] == "count")
         assert count["generated_text"].lstrip().startswith("6, 7, 8")

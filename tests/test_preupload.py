@@ -8,6 +8,7 @@ through the real huggingface_hub client; the Hub's own counters say what each jo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -80,13 +81,18 @@ def test_preuploaded_builds_publish_in_one_commit_with_no_model_bytes_and_equal_
     published = runner.invoke(main, ["publish", "--from-artifacts", str(built)])
     assert published.exit_code == 0, published.output
     files = hub.files(REPO)
-    assert WEIGHTS | {"README.md", "validation.json", "hubbot.json"} == set(files) - {".gitattributes"}
-    assert upload_requests(hub) == [] and hub.cas.xorb_bytes_received == 0
-    # all it sent as content is the card, validation.json and hubbot.json, inline in the commit
-    assert hub.bytes_uploaded == sum(len(files[p]) for p in ("README.md", "validation.json", "hubbot.json"))
+    assert WEIGHTS | {"README.md", "validation.json", "hubbot.json", "quality.png"} == set(files) - {".gitattributes"}
+    # all it sent as content is the card, validation.json and hubbot.json inline in the commit, and the
+    # chart (a PNG: binary, so LFS/Xet): no model bytes
+    chart = files["quality.png"]
+    assert len(upload_requests(hub)) <= 2 and all(hashlib.sha256(chart).hexdigest() in t
+                                                  for t in upload_requests(hub) if "/lfs-upload/" in t)
+    inline = sum(len(files[p]) for p in ("README.md", "validation.json", "hubbot.json"))
+    assert inline < hub.bytes_uploaded <= inline + 2 * len(chart)
     assert len(hubbot_commits(hub)) == 1
     if transfer == "xet":
-        assert set(hub.xet_files(REPO)) == WEIGHTS  # committed by reference to what the builds sent through Xet
+        # the weights committed by reference to what the builds sent through Xet; the chart sent by this job
+        assert set(hub.xet_files(REPO)) == WEIGHTS | {"quality.png"}
 
     one_machine = tmp_path / "one-machine"  # the same source and recipe, built and published on one machine
     result = runner.invoke(main, ["publish", SOURCE, "--recipe", "edge-gguf", "--out", str(one_machine),

@@ -56,3 +56,25 @@ def test_failing_variant_is_not_published(tmp_path, hub_env, tiny_phi3):
     failed = Path(os.environ["HUBBOT_CACHE"]) / "failed" / "renamed-model-GGUF"
     kept = json.loads((failed / "validation.json").read_text())
     assert not any(v["passed"] for v in kept["variants"])
+
+
+def test_chat_gate_fails_an_early_chat_divergence_whatever_the_agreement():
+    from hubbot.validate import chat_gate
+
+    early = PromptResult("hi-chat", True, 15, 16, 1, "x", chat=True, divergence="expected ' 2', got ' 3'")
+    late = PromptResult("late-chat", True, 15, 16, 9, "x", chat=True, divergence="expected 'a', got 'b'")
+    plain = PromptResult("plain", True, 15, 16, 0, "x", chat=False, divergence="expected 'a', got 'b'")
+    reasons = chat_gate([early, late, plain], 4)
+    assert reasons == ["chat prompt 'hi-chat': the greedy answer leaves the source's at token 1 (within the "
+                       "first 4): expected ' 2', got ' 3'"]
+    assert chat_gate([early], 0) == [] and chat_gate([early], 1) == []
+
+
+def test_kld_gate_names_the_measurements():
+    from hubbot.metrics import DistributionMetrics
+    from hubbot.validate import kld_gate
+
+    m = DistributionMetrics(2000, 0.27, 3.9, 0.86, 10.0, 10.5, 1.05, 0.003)
+    assert kld_gate(m, None) == [] and kld_gate(m, 0.3) == []
+    (reason,) = kld_gate(m, 0.05)
+    assert "0.27 is above 0.05" in reason and "p99 3.9" in reason and "ratio 1.050" in reason

@@ -71,6 +71,10 @@ class Runtime(Protocol):
     def top1(self, ids: Sequence[int]) -> list[int]:
         """Greedy next-token prediction at every position of ``ids`` (one forward pass)."""
 
+    def logits(self, ids: Sequence[int]) -> Any:
+        """Next-token logits at every position of ``ids``: a float32 numpy array (len(ids), vocab),
+        from one forward pass (``hubbot.metrics`` calls it one window at a time)."""
+
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         """Greedy continuation of ``ids``; stops after emitting a token in ``stop_ids``."""
 

@@ -373,6 +373,13 @@ class LlamaCppRuntime:
         self.llm.eval(list(ids))
         return [int(i) for i in np.argmax(self.llm.scores[: len(ids)], axis=-1)]
 
+    def logits(self, ids: Sequence[int]):
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         import numpy as np
 

@@ -281,6 +281,12 @@ class MLXRuntime:
         logits = self.model(mx.array([list(ids)]))
         return mx.argmax(logits[0], axis=-1).tolist()
 
+    def logits(self, ids: Sequence[int]):
+        import mlx.core as mx
+        import numpy as np
+
+        return np.array(self.model(mx.array([list(ids)]))[0].astype(mx.float32))
+
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache

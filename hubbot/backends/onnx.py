@@ -377,6 +377,14 @@ class OrtGenAIRuntime:
             raise BuildError(f"the model returned logits for {logits.shape[1]} of {len(ids)} positions")
         return [int(i) for i in np.argmax(logits[0], axis=-1)]
 
+    def logits(self, ids: Sequence[int]):
+        import numpy as np
+
+        logits = self._generator(ids, len(ids) + 1).get_output("logits")
+        if logits.shape[1] != len(ids):
+            raise BuildError(f"the model returned logits for {logits.shape[1]} of {len(ids)} positions")
+        return np.asarray(logits[0], dtype=np.float32)
+
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         generator = self._generator(ids, len(ids) + max_new_tokens)
         out: list[int] = []

@@ -301,6 +301,16 @@ class OpenVINORuntime:
         logits = self.request.infer({k: v for k, v in feed.items() if k in self.inputs})["logits"]
         return [int(i) for i in logits[0].argmax(-1)]
 
+    def logits(self, ids: Sequence[int]):
+        import numpy as np
+
+        n = len(ids)
+        feed = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
+                "position_ids": np.arange(n, dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
+        self.request.reset_state()
+        return np.array(self.request.infer({k: v for k, v in feed.items() if k in self.inputs})["logits"][0],
+                        dtype=np.float32)
+
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         import numpy as np
 

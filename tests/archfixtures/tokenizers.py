@@ -4,6 +4,7 @@ PhiMoE (as Phi-3.5-MoE ships), GPT-2's byte-level BPE ranks for Phi-2 (its CodeG
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,25 @@ def write_arch_tokenizer(spec: ArchSpec, seed: int, out_dir: Path, log: Log) -> 
     if spec.kind == "phimoe":
         phi3 = dataclasses.replace(PHI3_SPECS["phi3"], max_position_embeddings=spec.max_position_embeddings)
         write_tokenizer(phi3, seed, out_dir, log)
+        use_phi3_layout(out_dir / "tokenizer.json")
         return out_dir / "tokenizer.model"
     tok, overrides = build_phi2_tokenizer(spec, log)
     _save_tokenizer(tok, overrides, out_dir)
     return None
+
+
+def use_phi3_layout(path: Path) -> None:
+    """Microsoft's Phi-3 tokenizer.json layout, as examples/tiny-phi3 has it: a ``Prepend("▁")`` +
+    ``Replace(" ", "▁")`` normalizer instead of a Metaspace pre-tokenizer, and ``</s>`` stripping the
+    whitespace after it. tests.fixtures' Metaspace(prepend_scheme=always) gives ' Hello' one id in
+    transformers and two in llama.cpp and ORT GenAI (the tokenizer probes catch it); tests.fixtures
+    itself is left alone, as a change there rebuilds every fixture."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    data["pre_tokenizer"] = None
+    for token in data["added_tokens"]:
+        if token["content"] == "</s>":
+            token["rstrip"] = True
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
