@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend, get_backend
+from .backends.support import known_difference
 from .diskspace import guarded_scratch_folder
 from .errors import BuildError, HubbotError, HubUnreachable, UnsupportedSource
 from .hub import transport_failure, unreachable
@@ -90,6 +91,9 @@ def validate_built(backend: Backend, variant: Variant, snapshot: Snapshot, repo_
         inspection = backend.inspect(snapshot, variant, repo_dir)
     except BuildError as e:
         return VariantReport(variant.id, variant.native, variant.min_agreement, False, False, reasons=[str(e)])
+    differs = known_difference((snapshot.config.get("architectures") or [None])[0], variant.format)
+    if differs:
+        inspection["known_difference"] = "; ".join(filter(None, [inspection.get("known_difference"), differs]))
     report = validate_variant(backend.load(variant, repo_dir), reference.get(), variant, inspection, log)
     verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.reasons)
     kld = f", mean KLD {report.distribution['mean_kld']:.4g}" if report.distribution else ""

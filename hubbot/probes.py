@@ -64,6 +64,7 @@ class Segment:
     text: str  # the source tokenizer's decoding
     added: bool  # one added token (<|end|>, </s> …)
     dummy_prefix: bool  # the first token carries sentencepiece's word-boundary marker ("▁Hello")
+    cleaned: str | None = None  # the decoding with the tokenizer's clean_up_tokenization_spaces, where it differs
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,16 @@ def _segments(tok: Any, ids: list[int]) -> list[Segment]:
             runs.append([i])
         else:
             runs[-1].append(i)
-    return [Segment(run, tok.decode(run, skip_special_tokens=False), run[0] in added,
-                    tok.convert_ids_to_tokens(run[0]).startswith(SPM_SPACE)) for run in runs]
+    # clean_up_tokenization_spaces (phi-2's CodeGenTokenizer sets it) rewrites " ?" as "?": a display
+    # heuristic of transformers' that runtimes reading the HF tokenizer config (OpenVINO, mlx-lm) apply
+    # and llama.cpp and ORT GenAI do not; either is what the source's tokenizer files say
+    segments = []
+    for run in runs:
+        raw = tok.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        cleaned = tok.decode(run, skip_special_tokens=False)
+        segments.append(Segment(run, raw, run[0] in added, tok.convert_ids_to_tokens(run[0]).startswith(SPM_SPACE),
+                                cleaned if cleaned != raw else None))
+    return segments
 
 
 @cache
@@ -150,13 +159,17 @@ def shown_texts(segment: Segment) -> set[str]:
     all of them; byte-level BPE: one) so that an answer does not start with one. The sentencepiece
     convention says the prefix is a word boundary, not text, and encode parity already pins the
     ids of every leading space; any other difference (a space lost or added inside the text, a
-    wrong byte or character) is a wrong detokenizer.
+    wrong byte or character) is a wrong detokenizer, except transformers' own
+    ``clean_up_tokenization_spaces`` rewriting (where the tokenizer config asks for it), which some
+    runtimes apply and others do not.
     """
-    if segment.added:
-        return {segment.text, ""}
-    leading = len(segment.text) - len(segment.text.lstrip(" "))
-    trimmed = {segment.text[k:] for k in range(leading + 1)}
-    return trimmed | {" " + segment.text} if segment.dummy_prefix else trimmed
+    if segment.added:  # hidden may leave a space: ORT GenAI decodes GPT-2's <|endoftext|> alone as " "
+        return {segment.text, "", " "}
+    shown: set[str] = set()
+    for text in filter(None, (segment.text, segment.cleaned)):
+        leading = len(text) - len(text.lstrip(" "))
+        shown |= {text[k:] for k in range(leading + 1)} | ({" " + text} if segment.dummy_prefix else set())
+    return shown
 
 
 def _show(ids: Sequence[int], limit: int = 24) -> str:

@@ -60,7 +60,10 @@ def test_shown_texts_allow_only_the_dummy_prefix_conventions():
     assert shown_texts(Segment([931, 571], " Hello", False, True)) == {" Hello", "  Hello", "Hello"}
     assert shown_texts(Segment([5, 6], "ello", False, False)) == {"ello"}
     assert shown_texts(Segment([220, 18435], "  Hello a", False, False)) == {"  Hello a", " Hello a", "Hello a"}
-    assert shown_texts(Segment([1007], "<|end|>", True, False)) == {"<|end|>", ""}
+    assert shown_texts(Segment([1007], "<|end|>", True, False)) == {"<|end|>", "", " "}
+    # clean_up_tokenization_spaces: the raw and the cleaned text are both right, nothing else
+    cleaned = shown_texts(Segment([1, 2], "you ?", False, False, cleaned="you?"))
+    assert cleaned == {"you ?", "you?"} and "you  ?" not in cleaned
 
 
 def test_same_tokenizer_passes(tmp_path):

@@ -30,6 +30,9 @@ class FormatSupport:
     requires: str | None = None  # a config condition, e.g. LONG_CONTEXT
     restriction: str = ""  # the restriction in words, for plans and cards
     broken: str = ""  # why the pinned tool fails on what it claims to build (tests/test_arch_fixtures.py checks it)
+    # why the tool's runtime computes something other than transformers' model: it builds, and validation
+    # measures how far it is; a variant that fails names this as the cause
+    differs: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ ONNX_PHIMOE_BROKEN = ("onnxruntime-genai 0.18's builder cannot build PhiMoE: its
                       "LongRoPE rope setup (NotImplementedError: longrope) and reads the experts as transformers 4 "
                       "held them (one module per expert under layer.block_sparse_moe), which transformers 5 fuses into "
                       "layer.mlp.experts")
+PHIMOE_ROUTING = ("llama.cpp's and mlx-lm's PhiMoE weight the two chosen experts by a softmax normalised over "
+                  "them, where transformers (Microsoft's sparsemixer routing, the reference) weights each by a "
+                  "softmax over the experts near it, about 1 apiece; on the tiny PhiMoE fixture even the F16 "
+                  "file is ~1.2 nats a token of mean KL divergence from the source")
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture(
         "Phi3ForCausalLM", "phi3", True,
@@ -58,13 +65,13 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture(
         "PhiMoEForCausalLM", "phimoe", True, aliases=("PhimoeForCausalLM",),
         formats={
-            "gguf": FormatSupport("PhiMoEForCausalLM"),
+            "gguf": FormatSupport("PhiMoEForCausalLM", differs=PHIMOE_ROUTING),
             "onnx": FormatSupport("PhiMoEForCausalLM", targets=("cuda",), precision_classes=("int4",),
                                   requires=LONG_CONTEXT,
                                   restriction="onnxruntime-genai builds PhiMoE for CUDA in int4 only, and only from "
                                               "long-context (LongRoPE) configs: MoE runs on CUDA only in ONNX Runtime",
                                   broken=ONNX_PHIMOE_BROKEN),
-            "openvino": FormatSupport("phimoe"), "mlx": FormatSupport("phimoe"),
+            "openvino": FormatSupport("phimoe"), "mlx": FormatSupport("phimoe", differs=PHIMOE_ROUTING),
         },
     ),
     Architecture(
@@ -169,3 +176,10 @@ def variant_unsupported(architecture: str | None, fmt: str, target: str, precisi
         if not holds(config):
             return support.restriction or f"{fmt} builds {architecture} only from {words}"
     return support.broken or None
+
+
+def known_difference(architecture: str | None, fmt: str) -> str:
+    """Why ``fmt``'s runtime cannot match transformers on ``architecture`` ('' when it can)."""
+    arch = ARCHITECTURES.get(canonical_architecture(architecture) or "")
+    support = arch.formats.get(fmt) if arch else None
+    return support.differs if support else ""
