@@ -85,8 +85,9 @@ def test_preuploaded_builds_publish_in_one_commit_with_no_model_bytes_and_equal_
     # all it sent as content is the card, validation.json and hubbot.json inline in the commit, and the
     # chart (a PNG: binary, so LFS/Xet): no model bytes
     chart = files["quality.png"]
-    assert len(upload_requests(hub)) <= 2 and all(hashlib.sha256(chart).hexdigest() in t
-                                                  for t in upload_requests(hub) if "/lfs-upload/" in t)
+    lfs_puts = [t for t in upload_requests(hub) if "/lfs-upload/" in t]
+    assert len(lfs_puts) <= 1 and all(hashlib.sha256(chart).hexdigest() in t for t in lfs_puts)
+    assert hub.cas.xorb_bytes_received <= 2 * len(chart)  # Xet: at most the chart's chunks, no model bytes
     inline = sum(len(files[p]) for p in ("README.md", "validation.json", "hubbot.json"))
     assert inline < hub.bytes_uploaded <= inline + 2 * len(chart)
     assert len(hubbot_commits(hub)) == 1
@@ -150,7 +151,10 @@ def test_a_build_killed_before_its_preupload_and_a_blob_missing_on_the_hub_each_
     [line] = [ln for ln in result.stderr.splitlines() if "NOT published" in ln]
     assert "HTTP 422" in line and "Phi-3-tiny-fanout-Q8_0.gguf" in line, result.stderr
     assert hubbot_commits(hub) == [] and set(hub.files(REPO)) == {".gitattributes"}
-    assert upload_requests(hub) == []
+    # what went up before the refused commit is at most the chart, never a model file
+    blobs = [f for p in built.glob(f"*/{BUILD_FILE}") for f in json.loads(p.read_text())["preupload"]["files"].values()]
+    assert not [t for t in upload_requests(hub) if any(b["sha256"] in t for b in blobs)]
+    assert hub.cas.xorb_bytes_received < min(b["size"] for b in blobs)
     assert SENTINEL_TOKEN not in result.output
 
 
