@@ -367,11 +367,7 @@ class LlamaCppRuntime:
         return {i for i in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)}
 
     def top1(self, ids: Sequence[int]) -> list[int]:
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        return [int(i) for i in np.argmax(self.llm.scores[: len(ids)], axis=-1)]
+        return [int(i) for i in self.logits(ids).argmax(-1)]
 
     def logits(self, ids: Sequence[int]):
         import numpy as np

@@ -370,12 +370,7 @@ class OrtGenAIRuntime:
         return generator
 
     def top1(self, ids: Sequence[int]) -> list[int]:
-        import numpy as np
-
-        logits = self._generator(ids, len(ids) + 1).get_output("logits")
-        if logits.shape[1] != len(ids):
-            raise BuildError(f"the model returned logits for {logits.shape[1]} of {len(ids)} positions")
-        return [int(i) for i in np.argmax(logits[0], axis=-1)]
+        return [int(i) for i in self.logits(ids).argmax(-1)]
 
     def logits(self, ids: Sequence[int]):
         import numpy as np

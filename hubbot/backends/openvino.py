@@ -292,14 +292,7 @@ class OpenVINORuntime:
         return {int(i) for i in config.stop_token_ids} | ({config.eos_token_id} if config.eos_token_id >= 0 else set())
 
     def top1(self, ids: Sequence[int]) -> list[int]:
-        import numpy as np
-
-        n = len(ids)
-        feed = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
-                "position_ids": np.arange(n, dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
-        self.request.reset_state()  # the KV cache lives in the request's state
-        logits = self.request.infer({k: v for k, v in feed.items() if k in self.inputs})["logits"]
-        return [int(i) for i in logits[0].argmax(-1)]
+        return [int(i) for i in self.logits(ids).argmax(-1)]
 
     def logits(self, ids: Sequence[int]):
         import numpy as np
@@ -307,7 +300,7 @@ class OpenVINORuntime:
         n = len(ids)
         feed = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
                 "position_ids": np.arange(n, dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
-        self.request.reset_state()
+        self.request.reset_state()  # the KV cache lives in the request's state
         return np.array(self.request.infer({k: v for k, v in feed.items() if k in self.inputs})["logits"][0],
                         dtype=np.float32)
 
