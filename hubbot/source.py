@@ -232,9 +232,10 @@ def download_disk_guard(repo_id: str, commit: str, cache_dir: str | Path | None)
     so nothing is removed; the message says where they are."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
+    from .preflight import existing_parent
+
     cache = Path(cache_dir or HF_HUB_CACHE)
-    existing = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(existing_parent(cache)).free  # the real figure, not HUBBOT_FREE_DISK's
     try:
         yield
     except Exception as e:
