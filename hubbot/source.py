@@ -260,17 +260,26 @@ def _no_space(error: BaseException) -> bool:
     return False
 
 
-def check_hub_source(ref: SourceRef, api: Any, cache_dir: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class HubSource:
+    """A Hub source as checked before its weights are downloaded."""
+
+    commit: str
+    config: dict[str, Any]
+    parameter_count: dict[str, int]  # per dtype, from the safetensors headers
+
+
+def check_hub_source(ref: SourceRef, api: Any, cache_dir: str | Path | None = None) -> HubSource:
     """Pin a Hub source to its commit and check it before any weights are downloaded (config.json,
-    the index and the safetensors headers, by ranged reads); return the commit and its config."""
+    the index and the safetensors headers, by ranged reads)."""
     from . import source_check
 
     with reading_hub_source(ref, api, "read the source"):
         info = api.model_info(ref.repo_id, revision=ref.revision)
-        config = source_check.check_hub_weights(api, ref.repo_id, info.sha,
-                                                (f.rfilename for f in info.siblings or []),
-                                                f"{ref.repo_id}@{info.sha[:12]}", cache_dir)
-    return info.sha, config
+        config, counts = source_check.check_hub_weights(api, ref.repo_id, info.sha,
+                                                        (f.rfilename for f in info.siblings or []),
+                                                        f"{ref.repo_id}@{info.sha[:12]}", cache_dir)
+    return HubSource(info.sha, config, counts)
 
 
 @contextlib.contextmanager
@@ -329,7 +338,7 @@ def fetch(ref: SourceRef, api: Any = None, cache_dir: Path | None = None) -> Sna
     else:
         # HF_HUB_CACHE is read when huggingface_hub is imported; honour a later change too
         cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")
-        commit, _ = check_hub_source(ref, api, cache_dir)
+        commit = check_hub_source(ref, api, cache_dir).commit
         with reading_hub_source(ref, api, "download the source"), download_disk_guard(ref.repo_id, commit, cache_dir):
             path = Path(api.snapshot_download(ref.repo_id, revision=commit, allow_patterns=SNAPSHOT_PATTERNS,
                                               cache_dir=cache_dir))

@@ -423,9 +423,10 @@ def check_folder(folder: Path, family: Family | None = None, *, tokenizer: bool 
 
 
 def check_hub_weights(api: Any, repo_id: str, commit: str, files: Iterable[str], where: str,
-                      cache_dir: str | Path | None = None) -> dict[str, Any]:
+                      cache_dir: str | Path | None = None) -> tuple[dict[str, Any], dict[str, int]]:
     """Before downloading the weights of ``repo_id`` at ``commit``: its config.json, index and
-    safetensors headers (ranged reads), checked as a local folder's would be; returns the config."""
+    safetensors headers (ranged reads), checked as a local folder's would be; returns the config and
+    the headers' parameter count per dtype."""
     from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError, SafetensorsParsingError
 
     files = set(files)
@@ -448,4 +449,4 @@ def check_hub_weights(api: Any, repo_id: str, commit: str, files: Iterable[str],
         check_index_tensors(meta.weight_map, tensors_by_file, where)
     check_shapes(config, {n: Tensor(f, list(t.shape)) for f, ts in tensors_by_file.items() for n, t in ts.items()},
                  where)
-    return config
+    return config, dict(meta.parameter_count)

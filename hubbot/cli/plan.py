@@ -43,9 +43,13 @@ def plan(obj, source: str, recipe_name: str | None, family: str | None, namespac
     families = obj.families()
     ref = resolve(source, families, family)
     recipe = ref.family.recipe(recipe_name or ref.family.default_recipe)
-    api = None if ref.is_local else make_api(endpoint)
-    config = read_config(ref.path) if ref.is_local else check_hub_source(ref, api)[1]
-    size = _source_size(ref, api)
+    if ref.is_local:
+        config, size = read_config(ref.path), _local_size(ref)
+    else:  # one read of the Hub's headers serves the checks and the sizes
+        hub_source = check_hub_source(ref, make_api(endpoint))
+        config, size = hub_source.config, preflight.SourceSize.from_counts(hub_source.parameter_count)
+        if size is None:
+            progress(f"sizes unknown: {ref.display} has no parameters in its safetensors headers")
     the_plan = make_plan(ref, recipe, size.parameters if size else None, config)
     estimates = preflight.estimate(the_plan, size.parameters, size.dtype) if size else {}
     if as_json:
@@ -91,9 +95,9 @@ def _github_matrix(the_plan, classes, namespace: str, size: preflight.SourceSize
     return json.dumps({"include": entries}, separators=(",", ":")), reference_runner
 
 
-def _source_size(ref, api) -> preflight.SourceSize | None:
+def _local_size(ref) -> preflight.SourceSize | None:
     try:
-        return preflight.source_size(ref, api)
+        return preflight.source_size(ref)
     except preflight.SizeUnknown as e:
         progress(f"sizes unknown: {e}")
         return None
