@@ -4,6 +4,8 @@
     python benchmarks/scale.py make-model --shape {phi-3.5-mini,phi-4,small,small-phi4} OUT_DIR
     # per variant: `hubbot build` in its own process, then the same tool run by hand; one JSON line each
     python benchmarks/scale.py run MODEL_DIR --recipe edge [--variants ID,...] [--no-hand | --hand-only]
+    # the validation reference alone (kept for `run --reference FILE`, as a fanned-out publish passes it)
+    python benchmarks/scale.py reference MODEL_DIR --keep-in DIR
     # one whole `hubbot publish --out`
     python benchmarks/scale.py publish MODEL_DIR --recipe edge [--no-preflight]
     # markdown tables, one per model shape
@@ -55,9 +57,16 @@ def _runner(args):
 
 def cmd_run(args) -> int:
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    records = _runner(args).run(wanted, hubbot=not args.hand_only, hand=args.hand or args.hand_only)
+    records = _runner(args).run(wanted, hubbot=not args.hand_only, hand=args.hand or args.hand_only,
+                                reference=args.reference)
     print(f"{len(records)} measurement(s) appended to {args.results}")
     return 1 if any(r["rc"] for r in records) else 0
+
+
+def cmd_reference(args) -> int:
+    record = _runner(args).reference(args.keep_in)
+    print(f"appended to {args.results}; the reference: {args.keep_in / 'reference.json'}")
+    return 1 if record["rc"] else 0
 
 
 def cmd_publish(args) -> int:
@@ -102,7 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hand", action=argparse.BooleanOptionalAction, default=True,
                    help="also run each variant's tool by hand (default: yes)")
     p.add_argument("--hand-only", action="store_true", help="only the by-hand runs, no hubbot build")
+    p.add_argument("--reference", type=Path, help="pass this reference file to every `hubbot build` (as a "
+                   "fanned-out publish does; made by the `reference` command), so no build row pays for it")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("reference", help="measure `hubbot reference MODEL` (computed, never from a cache)")
+    runner_args(p)
+    p.add_argument("--keep-in", type=Path, required=True,
+                   help="folder to keep reference.json in, for `run --reference`")
+    p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("publish", help="measure one whole `hubbot publish MODEL --recipe R --out DIR`")
     runner_args(p)

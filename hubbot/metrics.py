@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,6 +40,11 @@ import numpy as np
 
 TAIL_NOISE = 1e-5
 Logits = Callable[[Sequence[int]], np.ndarray]  # ids -> (len(ids), vocab) next-token logits
+WindowLogits = Callable[[list[list[int]]], Iterable[np.ndarray]]  # all windows -> each one's logits, in order
+
+
+def one_at_a_time(logits: Logits) -> WindowLogits:
+    return lambda parts: (logits(w) for w in parts)
 
 
 def windows(ids: Sequence[int], prefix: Sequence[int], size: int) -> list[list[int]]:
@@ -97,14 +102,15 @@ class SourceDistribution:
                    arrays["target_logprobs"])
 
 
-def source_distribution(logits: Logits, ids: Sequence[int], prefix: Sequence[int], window: int,
+def source_distribution(window_logits: WindowLogits, ids: Sequence[int], prefix: Sequence[int], window: int,
                         top_k: int, on_window: Callable[[int, int], None] = lambda i, n: None) -> SourceDistribution:
-    """Run the source over the held text window by window and keep what ``SourceDistribution`` keeps."""
+    """Run the source over the held text's windows and keep what ``SourceDistribution`` keeps."""
     parts = windows(ids, prefix, window)
     top_ids, top_lp, target = [], [], []
-    for i, w in enumerate(parts, 1):
+    for i, (w, logits) in enumerate(zip(parts, window_logits(parts), strict=True), 1):
         pos = scored_range(w, prefix)
-        lp = log_softmax(logits(w)[pos.start: pos.stop])
+        lp = log_softmax(logits[pos.start: pos.stop])
+        del logits
         k = min(top_k, lp.shape[1])
         idx = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
         vals = np.take_along_axis(lp, idx, axis=-1)

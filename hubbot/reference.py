@@ -22,7 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +31,12 @@ from . import __version__
 from .errors import UsageError
 from .metrics import SourceDistribution, source_distribution
 from .paths import cache_root
-from .progress import Step, step
+from .progress import step
 from .recipe import Prompt, ValidationSettings, stable_hash
 from .source import config_dtype
 
 Log = Callable[[str], None]
-FORMAT = 2  # bump when what a reference holds or how it is computed changes
+FORMAT = 3  # bump when what a reference holds or how it is computed changes
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
@@ -95,17 +95,51 @@ class TransformersRuntime:
     def numpy_logits(self, ids: Sequence[int]):
         return self.logits(ids).numpy()
 
-    def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
-                 on_token: Callable[[int], None] | None = None) -> list[int]:
-        """Greedy continuation; ``on_token(n)`` is called as the n-th new token comes out."""
-        inputs = self.torch.tensor([list(ids)])
-        with self.torch.no_grad():
-            out = self.model.generate(inputs, attention_mask=self.torch.ones_like(inputs),
-                                      max_new_tokens=max_new_tokens, do_sample=False,
-                                      eos_token_id=list(stop_ids) or None,
-                                      streamer=_TokenCounter(on_token) if on_token else None,
-                                      pad_token_id=self.tokenizer.pad_token_id or (list(stop_ids) or [0])[0])
-        return out[0, len(ids):].tolist()
+    def window_logits(self, parts: Sequence[Sequence[int]], tokens_per_pass: int = 4096) -> Iterator[Any]:
+        """Each window's logits (numpy), several windows to a forward pass: a model bigger than the
+        page cache is read from disk once per pass, not once per window. The windows are
+        right-padded, which under causal attention never reaches their own positions; the output
+        head runs one window at a time, so only one window × vocab of logits is in memory."""
+        torch = self.torch
+        per_pass = max(1, tokens_per_pass // max(len(w) for w in parts))
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        for start in range(0, len(parts), per_pass):
+            group = [list(w) for w in parts[start: start + per_pass]]
+            width = max(len(w) for w in group)
+            batch = torch.tensor([w + [w[-1]] * (width - len(w)) for w in group])
+            with torch.no_grad():
+                hidden = decoder(input_ids=batch).last_hidden_state
+            for row, w in zip(hidden, group):
+                with torch.no_grad():
+                    yield head(row[: len(w)]).float().numpy()
+            del hidden
+
+    def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
+                     on_token: Callable[[int], None] | None = None) -> list[tuple[list[int], float]]:
+        """Greedy continuations of all ``prompts`` in one left-padded batch, each with its smallest
+        top-1 minus top-2 logit margin. One forward pass per new token serves every prompt: a model
+        that does not fit the page cache is read from disk ``max_new_tokens`` times, not once per
+        token per prompt (phi-4 on a 24 GiB machine: 17 passes instead of ~100). ``on_token(n)`` is
+        called as the n-th new token comes out."""
+        torch = self.torch
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (list(stop_ids) or [0])[0]
+        inputs = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = self.model.generate(inputs, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                      eos_token_id=list(stop_ids) or None, pad_token_id=pad,
+                                      return_dict_in_generate=True, output_logits=True,
+                                      streamer=_TokenCounter(on_token) if on_token else None)
+        steps = torch.stack(out.logits, dim=1).float()  # (prompts, steps, vocab), before any processor
+        stops = set(stop_ids)
+        results = []
+        for row, logits in zip(out.sequences[:, width:].tolist(), steps):
+            n = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            top2 = logits[:n].topk(2, dim=-1).values
+            results.append((row[:n], float((top2[:, 0] - top2[:, 1]).min()) if n else 0.0))
+        return results
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -179,13 +213,8 @@ def compute_reference(model_dir: Path, commit: str, settings: ValidationSettings
     with step("loading the source model", log=log):
         rt = TransformersRuntime(model_dir, dtype)
     try:
-        prompts = []
-        with step("reference", total=len(settings.prompts), log=log) as shown:
-            for p in settings.prompts:
-                prompts.append(_prepare(rt, p, settings.max_new_tokens, shown))
-                shown.advance()
-                log(f"reference: prompt '{p.name}' done ({len(prompts)}/{len(settings.prompts)}, "
-                    f"{time.monotonic() - started:.0f} s)")
+        prompts = _prepare_all(rt, settings.prompts, settings.max_new_tokens, log)
+        log(f"reference: {len(prompts)} prompts done ({time.monotonic() - started:.0f} s)")
         heldout = _heldout(rt, settings, log) if settings.heldout else None
     finally:
         rt.close()
@@ -196,24 +225,23 @@ def compute_reference(model_dir: Path, commit: str, settings: ValidationSettings
 def _heldout(rt: TransformersRuntime, settings: ValidationSettings, log: Log) -> SourceDistribution:
     ids, prefix = rt.tokenize(settings.heldout_text), rt.tokenize("")
     with step("reference: held text", log=log) as shown:
-        dist = source_distribution(rt.numpy_logits, ids, prefix, settings.heldout_window, settings.heldout_top_k,
+        dist = source_distribution(rt.window_logits, ids, prefix, settings.heldout_window, settings.heldout_top_k,
                                    lambda i, n: shown.update(info=f"window {i}/{n}"))
     log(f"reference: held text '{settings.heldout}', {dist.positions} positions, source perplexity "
         f"{dist.perplexity():.3f}")
     return dist
 
 
-def _prepare(rt: TransformersRuntime, prompt: Prompt, max_new_tokens: int, shown: Step) -> PreparedPrompt:
-    text = rt.render(prompt)
-    ids = rt.tokenize(text)
-    shown.update(info=f"'{prompt.name}': generating")
-    continuation = rt.generate(ids, max_new_tokens, rt.stop_ids,
-                               on_token=lambda n: shown.update(info=f"'{prompt.name}': token {n}/{max_new_tokens}"))
-    shown.update(info=f"'{prompt.name}': scoring {len(ids) + len(continuation)} tokens")
-    logits = rt.logits(ids + continuation)[len(ids) - 1: len(ids) - 1 + len(continuation)]
-    top2 = logits.topk(2, dim=-1).values
-    margin = float((top2[:, 0] - top2[:, 1]).min()) if len(continuation) else 0.0
-    return PreparedPrompt(prompt.name, prompt.chat, text, ids, continuation, rt.decode(continuation), round(margin, 3))
+def _prepare_all(rt: TransformersRuntime, prompts: Sequence[Prompt], max_new_tokens: int,
+                 log: Log) -> list[PreparedPrompt]:
+    texts = [rt.render(p) for p in prompts]
+    ids = [rt.tokenize(t) for t in texts]
+    with step("reference", total=max_new_tokens, log=log) as shown:
+        shown.update(info=f"{len(prompts)} prompts in one batch")
+        answers = rt.generate_all(ids, max_new_tokens, rt.stop_ids,
+                                  on_token=lambda n: shown.update(n, info=f"token {n}/{max_new_tokens}"))
+    return [PreparedPrompt(p.name, p.chat, text, i, continuation, rt.decode(continuation), round(margin, 3))
+            for p, text, i, (continuation, margin) in zip(prompts, texts, ids, answers)]
 
 
 def cache_path(key: str) -> Path:

@@ -19,6 +19,7 @@ from hubbot.metrics import (
     exact_kld,
     folded_kld,
     log_softmax,
+    one_at_a_time,
     scored_range,
     source_distribution,
     windows,
@@ -69,7 +70,7 @@ def test_compare_distributions_against_a_known_variant():
     def noisy(seq):
         return table[np.array(seq)] + np.sin(np.arange(vocab, dtype=np.float32))
 
-    dist = source_distribution(source, ids, [1], 64, 8)
+    dist = source_distribution(one_at_a_time(source), ids, [1], 64, 8)
     assert dist.positions == 300 and dist.top_ids.shape == (300, 8)
     same = compare_distributions(source, dist)
     assert same.mean_kld < 1e-6 and same.top1_agreement == 1.0 and same.perplexity_ratio == 1.0
@@ -159,7 +160,7 @@ def test_stored_kld_is_close_to_exact(tiny_phi3):
         exact.append(exact_kld(source.numpy_logits(w)[r.start: r.stop], variant.numpy_logits(w)[r.start: r.stop]))
     exact = np.concatenate(exact)
     stored = compare_distributions(variant.numpy_logits, source_distribution(
-        source.numpy_logits, ids, prefix, settings.heldout_window, settings.heldout_top_k))
+        source.window_logits, ids, prefix, settings.heldout_window, settings.heldout_top_k))
     assert stored.positions == len(exact) > 1000
     assert 0 < stored.mean_kld <= exact.mean() * 1.001  # a lower bound (rounded to 4 digits) …
     assert stored.mean_kld >= exact.mean() * 0.99  # … within 1%

@@ -80,9 +80,10 @@ def test_the_reference_reports_each_generated_token(tiny_phi3, tmp_path, sink):
     settings = load_families()["phi"].validation
     compute_reference(tiny_phi3, "local:test", settings, read_config(tiny_phi3))
     infos = [info for kind, what, *_, info in sink.events if what == "reference" and kind == "update"]
-    assert any("token 1/" in i for i in infos) and any("scoring" in i for i in infos)
+    assert any("token 1/" in i for i in infos)
+    assert any(f"{len(settings.prompts)} prompts in one batch" in i for i in infos)
     done = [completed for kind, what, completed, *_ in sink.events if what == "reference" and kind == "finish"]
-    assert done == [len(settings.prompts)]
+    assert done == [settings.max_new_tokens]
 
 
 def test_a_live_bar_only_for_a_person_at_a_terminal(monkeypatch):

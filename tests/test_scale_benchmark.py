@@ -131,3 +131,22 @@ def test_runner_measures_the_tree_and_survives_a_kill(tmp_path, monkeypatch):
                                log_file=tmp_path / "log2", disk_paths=[work], label="k", say=lines.append)
     assert killed.rc == -9 and "SIGKILL" in killed.note and "dying" in killed.tail
     assert [s["step"] for s in killed.steps] == ["a", "b"]
+
+
+def test_reference_row_computes_its_own_and_keeps_the_file(tmp_path, monkeypatch):
+    """`scale.py reference`: a real `hubbot reference` on the small model with a cache of its own (never
+    the user's cached one), recorded as a row, its file kept for `run --reference`."""
+    from scale_lib.runner import Runner
+
+    from hubbot.reference import Reference
+
+    monkeypatch.setenv("HUBBOT_CACHE", str(tmp_path / "user-cache"))
+    model = tmp_path / "small-phi3"
+    make_model.make_model("small", model, log=lambda _: None)
+    results = tmp_path / "results.jsonl"
+    record = Runner(model, "edge", results, tmp_path / "scratch", keep=False).reference(tmp_path / "kept")
+    assert record["rc"] == 0 and record["mode"] == "reference" and record["output_bytes"] > 0, record
+    kept = Reference.from_json((tmp_path / "kept" / "reference.json").read_text())
+    assert len(kept.prompts) == 6 and kept.heldout is not None and kept.dtype == "bfloat16"
+    assert not (tmp_path / "user-cache" / "references").exists()
+    assert "| reference |" in report.render(report.load(results))

@@ -39,9 +39,15 @@ def plan_variants(model: Path, recipe: str, env: dict[str, str]) -> list[dict[st
     return [v for repo in plan["repos"] for v in repo["variants"]]
 
 
-def hubbot_build(model: Path, variant: dict, recipe: str, out: Path, work: Path) -> list[tuple[str, list[str]]]:
+def hubbot_build(model: Path, variant: dict, recipe: str, out: Path, work: Path,
+                 reference: Path | None = None) -> list[tuple[str, list[str]]]:
+    passed = ["--reference", str(reference)] if reference else []
     return [("build", [*HUBBOT, "build", str(model), "--variant", variant["id"], "--recipe", recipe,
-                       "--out", str(out), "--workdir", str(work)])]
+                       "--out", str(out), "--workdir", str(work), *passed])]
+
+
+def hubbot_reference(model: Path, out: Path) -> list[tuple[str, list[str]]]:
+    return [("reference", [*HUBBOT, "reference", str(model), "--out", str(out / "reference.json")])]
 
 
 def hubbot_publish(model: Path, recipe: str, out: Path, work: Path,

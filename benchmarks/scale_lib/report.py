@@ -88,12 +88,14 @@ def table(shape: str, rows: list[dict[str, Any]]) -> str:
              "| by-hand peak anon | by-hand disk | ratio time | ratio RAM |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant in order:
-        h, b = latest.get((variant, "hubbot")) or latest.get((variant, "publish")), latest.get((variant, "hand"))
+        h = latest.get((variant, "hubbot")) or latest.get((variant, "publish")) or latest.get((variant, "reference"))
+        b = latest.get((variant, "hand"))
         main = h or b
         lines.append("| " + " | ".join([
             variant, wall(h), mem(h and h["peak_anon_bytes"]), mem(h and h["peak_file_bytes"]),
             size(h and h["peak_disk_bytes"]), size(main and main["output_bytes"]),
-            "—" if variant == "publish" else wall(b), mem(b and b["peak_anon_bytes"]), size(b and b["peak_disk_bytes"]),
+            "—" if variant in ("publish", "reference") else wall(b), mem(b and b["peak_anon_bytes"]),
+            size(b and b["peak_disk_bytes"]),
             ratio(h, b, "wall_s"), ratio(h, b, "peak_anon_bytes"),
         ]) + " |")
     return "\n".join(lines)

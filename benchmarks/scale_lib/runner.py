@@ -86,7 +86,8 @@ class Runner:
             found = [v for v in found if v["id"] in wanted]
         return found
 
-    def measure(self, label: str, variant: dict[str, Any] | None, mode: str, make_steps) -> dict[str, Any]:
+    def measure(self, label: str, variant: dict[str, Any] | None, mode: str, make_steps,
+                keep_output: Path | None = None) -> dict[str, Any]:
         """Run the steps in a fresh folder (work/, out/, tmp/ = TMPDIR, hf/ = HF_HOME), measure, record."""
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         run_dir = self.scratch / f"{stamp}-{label}-{mode}"
@@ -119,11 +120,14 @@ class Runner:
         self.results.parent.mkdir(parents=True, exist_ok=True)
         with self.results.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        if keep_output and m.rc == 0:
+            shutil.copytree(out, keep_output, dirs_exist_ok=True)
         if not self.keep:
             shutil.rmtree(run_dir, ignore_errors=True)
         return record
 
-    def run(self, wanted: list[str] | None, hubbot: bool, hand: bool) -> list[dict[str, Any]]:
+    def run(self, wanted: list[str] | None, hubbot: bool, hand: bool,
+            reference: Path | None = None) -> list[dict[str, Any]]:
         variants = self.variants(wanted)
         if any(v["format"] == "gguf" for v in variants):
             commands.gguf_converter_env(self.base_env)  # fetch llama.cpp's converter now, not inside a measurement
@@ -131,12 +135,19 @@ class Runner:
         for v in variants:
             if hubbot:
                 records.append(self.measure(v["id"], v, "hubbot", lambda out, work, env, v=v: (
-                    commands.hubbot_build(self.model, v, self.recipe, out, work), env)))
+                    commands.hubbot_build(self.model, v, self.recipe, out, work, reference), env)))
             if hand:
                 records.append(self.measure(v["id"], v, "hand", lambda out, work, env, v=v: (
                     commands.by_hand(self.model, v, out, work, env))))
             time.sleep(1)
         return records
+
+    def reference(self, keep_in: Path) -> dict[str, Any]:
+        """`hubbot reference` with a cache of its own (so it computes, never reuses); the file it
+        writes is kept as KEEP_IN/reference.json for `run --reference`."""
+        return self.measure("reference", None, "reference", lambda out, work, env: (
+            commands.hubbot_reference(self.model, out), {**env, "HUBBOT_CACHE": str(work / "cache")}),
+            keep_output=keep_in)
 
     def publish(self, extra: tuple[str, ...] = ()) -> dict[str, Any]:
         return self.measure("publish", None, "publish", lambda out, work, env: (
