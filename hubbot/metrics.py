@@ -43,10 +43,6 @@ Logits = Callable[[Sequence[int]], np.ndarray]  # ids -> (len(ids), vocab) next-
 WindowLogits = Callable[[list[list[int]]], Iterable[np.ndarray]]  # all windows -> each one's logits, in order
 
 
-def one_at_a_time(logits: Logits) -> WindowLogits:
-    return lambda parts: (logits(w) for w in parts)
-
-
 def windows(ids: Sequence[int], prefix: Sequence[int], size: int) -> list[list[int]]:
     """The held text's ids (after ``prefix``, what the tokenizer puts in front) cut into windows
     of at most ``size`` tokens, each starting with ``prefix`` again."""
