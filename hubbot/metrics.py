@@ -24,8 +24,9 @@ looser there; raise ``heldout_top_k`` when a release's tail mass (in validation.
 At real size (vocabulary 100352, 2k positions) this form is 2k × 64 × 8 bytes ≈ 1 MB
 (zlib-compressed inside the reference JSON), where fp32 logits would be 800 MB.
 
-Memory: a variant's logits are taken one window at a time (window × vocab fp32: 512 × 100352 × 4
-= 205 MB at real size), reduced to per-position numbers, and dropped before the next window.
+Memory: a variant's logits are reduced to per-position numbers one window at a time (window ×
+vocab fp32: 512 × 100352 × 4 = 205 MB at real size) and dropped before the next; a runtime that
+batches windows into one pass (``window_logits``) holds at most one pass of them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from typing import Any
 import numpy as np
 
 TAIL_NOISE = 1e-5
-Logits = Callable[[Sequence[int]], np.ndarray]  # ids -> (len(ids), vocab) next-token logits
 WindowLogits = Callable[[list[list[int]]], Iterable[np.ndarray]]  # all windows -> each one's logits, in order
 
 
@@ -156,15 +156,17 @@ def exact_kld(source_logits: np.ndarray, variant_logits: np.ndarray) -> np.ndarr
     return (np.exp(p_lp) * (p_lp - q_lp)).sum(axis=-1)
 
 
-def compare_distributions(logits: Logits, source: SourceDistribution,
+def compare_distributions(window_logits: WindowLogits, source: SourceDistribution,
                           on_window: Callable[[int, int], None] = lambda i, n: None) -> DistributionMetrics:
-    """Run a variant (``logits``: its runtime's) over the source's windows and compare."""
+    """Run a variant (``window_logits``: its runtime's, all windows in, each one's logits out, in
+    order) over the source's windows and compare."""
     klds, agree, nll = [], [], []
     start = 0
-    for i, w in enumerate(source.windows, 1):
+    for i, (w, logits) in enumerate(zip(source.windows, window_logits(source.windows)), 1):
         pos = scored_range(w, source.prefix)
         top_ids = source.top_ids[start: start + len(pos)]
-        lq = log_softmax(logits(w)[pos.start: pos.stop])
+        lq = log_softmax(logits[pos.start: pos.stop])
+        del logits
         if top_ids.size and int(top_ids.max()) >= lq.shape[1]:
             raise ValueError(f"the variant's vocabulary has {lq.shape[1]} entries, the source ranks id "
                              f"{int(top_ids.max())}")

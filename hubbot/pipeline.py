@@ -94,7 +94,10 @@ def validate_built(backend: Backend, variant: Variant, snapshot: Snapshot, repo_
     differs = known_difference((snapshot.config.get("architectures") or [None])[0], variant.format)
     if differs:
         inspection["known_difference"] = "; ".join(filter(None, [inspection.get("known_difference"), differs]))
-    report = validate_variant(backend.load(variant, repo_dir), reference.get(), variant, inspection, log)
+    runtime = backend.load(variant, repo_dir)
+    if getattr(runtime, "note", ""):
+        log(f"{variant.id}: {runtime.note}")
+    report = validate_variant(runtime, reference.get(), variant, inspection, log)
     verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.reasons)
     kld = f", mean KLD {report.distribution['mean_kld']:.4g}" if report.distribution else ""
     log(f"{variant.id}: agreement {report.agreement} (threshold {report.threshold}){kld} — {verdict}")

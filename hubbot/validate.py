@@ -21,7 +21,7 @@ Two gates come on top when the recipe sets them (``hubbot.recipe.ValidationSetti
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -82,8 +82,7 @@ def compare(runtime: Runtime, reference: Reference, log: Log = lambda _: None) -
     started, n = time.monotonic(), len(reference.prompts)
     matched = []
     with step("teacher-forced passes", total=n, log=log) as shown:
-        for i, p in enumerate(reference.prompts, 1):
-            predicted = runtime.top1(p.ids + p.continuation)
+        for i, (p, predicted) in enumerate(zip(reference.prompts, _top1_each(runtime, reference)), 1):
             start = len(p.ids) - 1
             matched.append(sum(int(a == b) for a, b in zip(predicted[start: start + len(p.continuation)],
                                                            p.continuation)))
@@ -102,6 +101,16 @@ def compare(runtime: Runtime, reference: Reference, log: Log = lambda _: None) -
             for p, m, g in zip(reference.prompts, matched, generated)]
 
 
+def _top1_each(runtime: Runtime, reference: Reference) -> Iterator[list[int]]:
+    """Each prompt's teacher-forced top-1 predictions: in one batch where the runtime offers it
+    (``top1_all``), else one pass per prompt."""
+    sequences = [p.ids + p.continuation for p in reference.prompts]
+    if hasattr(runtime, "top1_all"):
+        yield from runtime.top1_all(sequences)
+    else:
+        yield from map(runtime.top1, sequences)
+
+
 def describe_divergence(reference: Reference, generated: Sequence[int], expected: Sequence[int]) -> str | None:
     """What the source says and what the variant says from the first token where they part."""
     at = first_divergence(generated, expected)
@@ -112,9 +121,12 @@ def describe_divergence(reference: Reference, generated: Sequence[int], expected
 
 
 def measure_distribution(runtime: Runtime, reference: Reference, log: Log = lambda _: None) -> DistributionMetrics:
-    """KLD, top-1 agreement and perplexity over the held text, one window at a time."""
+    """KLD, top-1 agreement and perplexity over the held text: several windows to a pass where the
+    runtime offers it (``window_logits``), else one window at a time."""
+    batched = getattr(runtime, "window_logits", None)
+    window_logits = batched or (lambda parts: map(runtime.logits, parts))
     with step("held text", total=len(reference.heldout.windows), log=log) as shown:
-        return compare_distributions(runtime.logits, reference.heldout, lambda i, n: shown.advance())
+        return compare_distributions(window_logits, reference.heldout, lambda i, n: shown.advance())
 
 
 def chat_gate(results: Sequence[PromptResult], tokens: int) -> list[str]:

@@ -71,13 +71,13 @@ def test_compare_distributions_against_a_known_variant():
 
     dist = source_distribution(lambda parts: map(source, parts), ids, [1], 64, 8)
     assert dist.positions == 300 and dist.top_ids.shape == (300, 8)
-    same = compare_distributions(source, dist)
+    same = compare_distributions(lambda parts: map(source, parts), dist)
     assert same.mean_kld < 1e-6 and same.top1_agreement == 1.0 and same.perplexity_ratio == 1.0
-    other = compare_distributions(noisy, dist)
+    other = compare_distributions(lambda parts: map(noisy, parts), dist)
     assert other.mean_kld > 0.01 and other.p99_kld >= other.mean_kld and other.perplexity_ratio != 1.0
     assert other.top1_agreement < 1.0
     again = type(dist).from_json(json.loads(json.dumps(dist.to_json())))
-    assert compare_distributions(noisy, again) == other
+    assert compare_distributions(lambda parts: map(noisy, parts), again) == other
 
 
 def _family_text(validation: str) -> str:
@@ -158,7 +158,7 @@ def test_stored_kld_is_close_to_exact(tiny_phi3):
         r = scored_range(w, prefix)
         exact.append(exact_kld(source.numpy_logits(w)[r.start: r.stop], variant.numpy_logits(w)[r.start: r.stop]))
     exact = np.concatenate(exact)
-    stored = compare_distributions(variant.numpy_logits, source_distribution(
+    stored = compare_distributions(lambda parts: map(variant.numpy_logits, parts), source_distribution(
         source.window_logits, ids, prefix, settings.heldout_window, settings.heldout_top_k))
     assert stored.positions == len(exact) > 1000
     assert 0 < stored.mean_kld <= exact.mean() * 1.001  # a lower bound (rounded to 4 digits) …

@@ -120,6 +120,53 @@ def test_published_folder_runs_with_mlx_lm_as_the_card_says(preview, tiny_phi3):
     assert text.lstrip().startswith("6, 7")
 
 
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_wide_matmuls_compute_what_mlxs_quantized_kernel_does(preview, tiny_phi3, quant):
+    """The CPU speed path (MLX's dequantize + a BLAS matmul, for inputs of WIDE_ROWS rows or more)
+    gives the quantized kernel's logits within float32 rounding; narrower inputs keep the kernel.
+    The batched passes validation uses (top1_all, window_logits) equal one pass per sequence."""
+    import numpy as np
+
+    from hubbot.backends.mlx import WIDE_ROWS, MLXRuntime
+
+    repo = preview / f"{tiny_phi3.name}-{quant}"
+    kernel, wide = MLXRuntime(repo, wide_matmuls=False), MLXRuntime(repo, wide_matmuls=True)
+    assert kernel.wide_layers == 0 and wide.wide_layers == 1 + 4 * 2  # lm_head + 4 per layer, 2 layers
+    ids = kernel.tokenize("Count: " + ", ".join(map(str, range(1, 30))))
+    assert len(ids) > 2 * WIDE_ROWS
+    expected = kernel.logits(ids)
+    got = wide.logits(ids)
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() == 1.0
+    narrow = ids[: WIDE_ROWS - 1]
+    assert np.array_equal(wide.logits(narrow), kernel.logits(narrow))
+
+    sequences = [ids, ids[:20], ids[:50]]
+    batched = list(wide.window_logits(sequences))
+    assert [b.shape for b in batched] == [(len(s), expected.shape[1]) for s in sequences]
+    for b, s in zip(batched, sequences):
+        assert np.allclose(b, kernel.logits(s), atol=1e-5 * np.abs(expected).max())
+    assert wide.top1_all(sequences) == [kernel.top1(s) for s in sequences]
+    assert list(wide.window_logits(sequences, tokens_per_pass=1))[2].shape == batched[2].shape
+
+
+def test_validation_process_loads_openblas_before_mlx_or_says_how_to(preview, tiny_phi3):
+    """A fresh process, as ``hubbot build`` runs: the backend's import check comes first, then the
+    runtime; where the system has OpenBLAS, MLX's CPU matmuls get it, else the log says what to install."""
+    import ctypes.util
+    import subprocess
+    import sys
+
+    code = ("import sys; from hubbot.backends.mlx import MLXBackend, MLXRuntime; MLXBackend().require(); "
+            "rt = MLXRuntime(sys.argv[1]); print(rt.blas); print(rt.wide_layers); print(rt.note)")
+    out = subprocess.run([sys.executable, "-c", code, str(preview / f"{tiny_phi3.name}-4bit")],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout.splitlines()
+    if ctypes.util.find_library("openblas"):
+        assert "openblas" in out[0] and out[1] == "9" and "BLAS libopenblas" in out[2]
+    else:
+        assert out[:2] == ["None", "0"] and "apt-get install libopenblas0-pthread" in out[2]
+
+
 def test_mixed_predicate_with_group_size_and_dtype_options(tiny_phi3, tmp_path):
     recipes = write_recipes(tmp_path, [{"format": "mlx", "precision": "mixed_3_6",
                                         "options": {"group_size": 32, "dtype": "float16"}}])

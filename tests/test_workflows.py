@@ -98,6 +98,14 @@ def test_publish_fans_out_one_job_per_variant_with_artifacts_and_a_concurrency_g
     assert "--from-artifacts" in "\n".join(s.get("run", "") for s in jobs["publish"]["steps"])
 
 
+def test_mlx_jobs_install_openblas_before_building():
+    """MLX's Linux wheel bundles a reference BLAS; hubbot loads the system's OpenBLAS when present."""
+    steps = load("publish.yml")["jobs"]["build"]["steps"]
+    [blas] = [i for i, s in enumerate(steps) if "libopenblas0" in s.get("run", "")]
+    [build] = [i for i, s in enumerate(steps) if "hubbot build" in s.get("run", "")]
+    assert blas < build and "mlx-" in steps[blas]["if"]
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_the_token_comes_from_secrets_and_is_never_echoed_or_interpolated_into_scripts(path):
     text = path.read_text()

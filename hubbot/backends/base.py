@@ -58,7 +58,13 @@ class Naming:
 
 
 class Runtime(Protocol):
-    """A variant loaded in its own runtime, as validation drives it."""
+    """A variant loaded in its own runtime, as validation drives it.
+
+    A runtime for which one forward pass over many sequences is much cheaper than one per sequence
+    (MLX's CPU backend dequantizes every weight per pass) may also offer ``top1_all(sequences)``
+    (``top1`` of each) and ``window_logits(parts)`` (``logits`` of each part, yielded in order);
+    validation uses them where present. A ``note`` attribute (a line on how it runs, e.g. on a slow
+    path) is logged before validation."""
 
     def tokenize(self, text: str) -> list[int]: ...
 
