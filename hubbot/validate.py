@@ -88,12 +88,7 @@ def compare(runtime: Runtime, reference: Reference, log: Log = lambda _: None) -
                                                            p.continuation)))
             shown.advance()
             log(f"teacher-forced pass {i}/{n} ({time.monotonic() - started:.0f} s)")
-    generated = []
-    with step("greedy generations", total=n, log=log) as shown:
-        for i, p in enumerate(reference.prompts, 1):
-            generated.append(runtime.generate(p.ids, len(p.continuation) or 1, reference.stop_ids))
-            shown.advance()
-            log(f"greedy generation {i}/{n} ({time.monotonic() - started:.0f} s)")
+    generated = _generate_each(runtime, reference, log, started)
     return [PromptResult(name=p.name, tokens_match=runtime.tokenize(p.text) == p.ids, matched=m,
                          total=len(p.continuation), first_divergence=first_divergence(g, p.continuation),
                          generated_text=reference.decode(g), chat=p.chat,
@@ -109,6 +104,25 @@ def _top1_each(runtime: Runtime, reference: Reference) -> Iterator[list[int]]:
         yield from runtime.top1_all(sequences)
     else:
         yield from map(runtime.top1, sequences)
+
+
+def _generate_each(runtime: Runtime, reference: Reference, log: Log, started: float) -> list[list[int]]:
+    """Each prompt's greedy generation: all in one batch where the runtime offers it
+    (``generate_all``), else one prompt at a time."""
+    lengths = [len(p.continuation) or 1 for p in reference.prompts]
+    if hasattr(runtime, "generate_all"):
+        with step("greedy generations (batched)", total=max(lengths) + 1, log=log) as shown:
+            def on_step(i: int) -> None:
+                shown.advance()
+                log(f"greedy generation step {i}/{max(lengths) + 1} ({time.monotonic() - started:.0f} s)")
+            return runtime.generate_all([p.ids for p in reference.prompts], lengths, reference.stop_ids, on_step)
+    generated = []
+    with step("greedy generations", total=len(lengths), log=log) as shown:
+        for i, (p, length) in enumerate(zip(reference.prompts, lengths), 1):
+            generated.append(runtime.generate(p.ids, length, reference.stop_ids))
+            shown.advance()
+            log(f"greedy generation {i}/{len(lengths)} ({time.monotonic() - started:.0f} s)")
+    return generated
 
 
 def describe_divergence(reference: Reference, generated: Sequence[int], expected: Sequence[int]) -> str | None:

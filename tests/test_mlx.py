@@ -148,6 +148,11 @@ def test_wide_matmuls_compute_what_mlxs_quantized_kernel_does(preview, tiny_phi3
         assert np.allclose(b, kernel.logits(s), atol=1e-5 * np.abs(expected).max())
     assert wide.top1_all(sequences) == [kernel.top1(s) for s in sequences]
     assert list(wide.window_logits(sequences, tokens_per_pass=1))[2].shape == batched[2].shape
+    stop, steps = kernel.stop_ids(), []
+    prompts = [kernel.tokenize(t) for t in ("Count: 1, 2, 3,", "The capital of France is", "Hi")]
+    assert wide.generate_all(prompts, [12, 3, 8], stop, steps.append) == [
+        kernel.generate(p, n, stop) for p, n in zip(prompts, [12, 3, 8])]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) <= 12
 
 
 def test_validation_process_loads_openblas_before_mlx_or_says_how_to(preview, tiny_phi3):

@@ -62,8 +62,9 @@ class Runtime(Protocol):
 
     A runtime for which one forward pass over many sequences is much cheaper than one per sequence
     (MLX's CPU backend dequantizes every weight per pass) may also offer ``top1_all(sequences)``
-    (``top1`` of each) and ``window_logits(parts)`` (``logits`` of each part, yielded in order);
-    validation uses them where present. A ``note`` attribute (a line on how it runs, e.g. on a slow
+    (``top1`` of each), ``window_logits(parts)`` (``logits`` of each part, yielded in order) and
+    ``generate_all(prompts, max_new_tokens, stop_ids, on_step)`` (``generate`` of each, with a length
+    each); validation uses them where present. A ``note`` attribute (a line on how it runs, e.g. on a slow
     path) is logged before validation."""
 
     def tokenize(self, text: str) -> list[int]: ...

@@ -12,8 +12,9 @@ backend (``mlx[cpu]``), which runs the same weights. Two things make that backen
   BLAS, a quantized layer fed ``WIDE_ROWS`` rows or more (a teacher-forced pass, a batch of
   held-text windows) is run as MLX's own ``mx.dequantize`` followed by a BLAS matmul: the same
   weights, 4× faster at 128 rows and more so beyond. Decoding (one row) keeps the quantized kernel.
-  Teacher-forced passes and held-text windows are batched (``top1_all``, ``window_logits``), so a
-  14B model is dequantized twice per validation, not once per prompt and window.
+  Teacher-forced passes, held-text windows and greedy generations are batched (``top1_all``,
+  ``window_logits``, ``generate_all``), so a 14B model is dequantized three times per
+  validation, not once per prompt and window.
 
 Two things differ from the source as transformers runs it, and are handled or reported here:
 
@@ -34,7 +35,7 @@ import json
 import re
 import shutil
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -406,6 +407,29 @@ class MLXRuntime:
                 break
             logits = self.model(mx.array([[token]]), cache=cache)
         return out
+
+    def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+                     stop_ids: Sequence[int] = (), on_step: Callable[[int], None] = lambda n: None
+                     ) -> list[list[int]]:
+        """``generate`` of every prompt (``max_new_tokens`` each), batched by mlx-lm's own
+        BatchGenerator: one prefill pass for all prompts (wide: dequantized once), then one decoding
+        step per token for all. ``on_step(n)`` follows the n-th step."""
+        from mlx_lm.generate import BatchGenerator
+
+        generator = BatchGenerator(self.model, stop_tokens=[[t] for t in stop_ids],
+                                   prefill_batch_size=len(prompts), completion_batch_size=len(prompts))
+        try:
+            uids = generator.insert([list(p) for p in prompts], list(max_new_tokens))
+            out: dict[int, list[int]] = {uid: [] for uid in uids}
+            steps = 0
+            while responses := generator.next_generated():
+                for r in responses:
+                    out[r.uid].append(int(r.token))  # a stop token too, as ``generate`` keeps it
+                steps += 1
+                on_step(steps)
+        finally:
+            generator.close()
+        return [out[uid] for uid in uids]
 
     def close(self) -> None:
         import mlx.core as mx
