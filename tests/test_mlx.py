@@ -120,21 +120,25 @@ def test_published_folder_runs_with_mlx_lm_as_the_card_says(preview, tiny_phi3):
     assert text.lstrip().startswith("6, 7")
 
 
-@pytest.mark.parametrize("quant", ["4bit", "8bit"])
-def test_wide_matmuls_compute_what_mlxs_quantized_kernel_does(preview, tiny_phi3, quant):
+@pytest.mark.parametrize("quant, chunk_bytes", [("4bit", None), ("8bit", None), ("4bit", 4 * 256 * 100)])
+def test_wide_matmuls_compute_what_mlxs_quantized_kernel_does(preview, tiny_phi3, quant, chunk_bytes, monkeypatch):
     """The CPU speed path (MLX's dequantize + a BLAS matmul, for inputs of WIDE_ROWS rows or more)
     gives the quantized kernel's logits within float32 rounding; narrower inputs keep the kernel.
     The batched passes validation uses (top1_all, window_logits) equal one pass per sequence."""
+    import mlx.core as mx
     import numpy as np
 
     from hubbot.backends.mlx import WIDE_ROWS, MLXRuntime
 
+    if chunk_bytes:  # dequantize 100 weight rows at a time: several blocks per layer
+        monkeypatch.setattr("hubbot.backends.mlx.WIDE_CHUNK_BYTES", chunk_bytes)
     repo = preview / f"{tiny_phi3.name}-{quant}"
     kernel, wide = MLXRuntime(repo, wide_matmuls=False), MLXRuntime(repo, wide_matmuls=True)
-    assert kernel.wide_layers == 0 and wide.wide_layers == 1 + 4 * 2  # lm_head + 4 per layer, 2 layers
+    assert kernel.wide_layers == 0 and wide.wide_layers == 2 + 4 * 2  # embedding, lm_head, 4 per layer × 2
     ids = kernel.tokenize("Count: " + ", ".join(map(str, range(1, 30))))
     assert len(ids) > 2 * WIDE_ROWS
-    expected = kernel.logits(ids)
+    expected = np.array(kernel.model(mx.array([ids]))[0])  # mlx-lm's own call, the whole model at once
+    assert np.allclose(kernel.logits(ids), expected, atol=1e-5 * np.abs(expected).max())  # the head split off
     got = wide.logits(ids)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
     assert (got.argmax(-1) == expected.argmax(-1)).mean() == 1.0
@@ -167,7 +171,7 @@ def test_validation_process_loads_openblas_before_mlx_or_says_how_to(preview, ti
     out = subprocess.run([sys.executable, "-c", code, str(preview / f"{tiny_phi3.name}-4bit")],
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout.splitlines()
     if ctypes.util.find_library("openblas"):
-        assert "openblas" in out[0] and out[1] == "9" and "BLAS libopenblas" in out[2]
+        assert "openblas" in out[0] and out[1] == "10" and "BLAS libopenblas" in out[2]
     else:
         assert out[:2] == ["None", "0"] and "apt-get install libopenblas0-pthread" in out[2]
 

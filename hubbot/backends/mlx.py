@@ -10,8 +10,9 @@ backend (``mlx[cpu]``), which runs the same weights. Two things make that backen
   MLX built from source against OpenBLAS would (``fast_blas``);
 - its quantized matmul is a single-threaded loop (~2 GFLOP/s whatever the BLAS). With a fast
   BLAS, a quantized layer fed ``WIDE_ROWS`` rows or more (a teacher-forced pass, a batch of
-  held-text windows) is run as MLX's own ``mx.dequantize`` followed by a BLAS matmul: the same
-  weights, 4× faster at 128 rows and more so beyond. Decoding (one row) keeps the quantized kernel.
+  held-text windows) is run as MLX's own ``mx.dequantize`` followed by a BLAS matmul, a block of
+  rows at a time (``wide_matmul``): the same weights, 4× faster at 128 rows and more so beyond.
+  Decoding (a row per prompt) keeps the quantized kernel.
   Teacher-forced passes, held-text windows and greedy generations are batched (``top1_all``,
   ``window_logits``, ``generate_all``), so a 14B model is dequantized three times per
   validation, not once per prompt and window.
@@ -283,36 +284,64 @@ def fast_blas() -> str | None:
     return _fast_blas[0] if _fast_blas else None
 
 
-@functools.cache
-def _wide_quantized_linear() -> type:
+WIDE_CHUNK_BYTES = 256 * 2**20  # fp32 weight rows dequantized at a time (phi-4's lm_head alone is 2 GB)
+
+
+def wide_matmul(layer, x):
+    """``x`` times a quantized layer's weight as MLX's dequantize + a BLAS matmul, a block of output
+    rows at a time; None when ``x`` has fewer than WIDE_ROWS rows (the quantized kernel is faster)."""
     import mlx.core as mx
+
+    if x.size // x.shape[-1] < WIDE_ROWS:
+        return None
+    weight, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
+    step = max(1, WIDE_CHUNK_BYTES // (4 * x.shape[-1]))
+    parts = [x @ mx.dequantize(weight[i: i + step], scales[i: i + step],
+                               None if biases is None else biases[i: i + step],
+                               group_size=layer.group_size, bits=layer.bits, mode=layer.mode).T
+             for i in range(0, weight.shape[0], step)]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+@functools.cache
+def _wide_classes() -> dict[type, type]:
     import mlx.nn as nn
 
     class WideQuantizedLinear(nn.QuantizedLinear):
-        """A QuantizedLinear that runs many rows as MLX's dequantize followed by a BLAS matmul."""
-
         def __call__(self, x):
-            if x.size // x.shape[-1] < WIDE_ROWS:
+            y = wide_matmul(self, x)
+            if y is None:
                 return super().__call__(x)
-            weight = mx.dequantize(self["weight"], self["scales"], self.get("biases"),
-                                   group_size=self.group_size, bits=self.bits, mode=self.mode)
-            y = x @ weight.T
             return y + self["bias"] if "bias" in self else y
 
-    return WideQuantizedLinear
+    class WideQuantizedEmbedding(nn.QuantizedEmbedding):  # tied output heads (Phi-4-mini) call as_linear
+        def as_linear(self, x):
+            y = wide_matmul(self, x)
+            return super().as_linear(x) if y is None else y
+
+    return {nn.QuantizedLinear: WideQuantizedLinear, nn.QuantizedEmbedding: WideQuantizedEmbedding}
 
 
 def dequantize_wide_matmuls(model) -> int:
-    """Switch every quantized linear layer of ``model`` to the dequantize + matmul path for wide
-    inputs (``WideQuantizedLinear``); the number of layers switched."""
-    import mlx.nn as nn
-
-    wide, count = _wide_quantized_linear(), 0
+    """Switch every quantized linear layer (and quantized embedding, for a tied head) of ``model``
+    to the dequantize + matmul path for wide inputs (``wide_matmul``); the number switched."""
+    wide, count = _wide_classes(), 0
     for _, module in model.named_modules():
-        if type(module) is nn.QuantizedLinear:
-            module.__class__ = wide
+        if type(module) in wide:
+            module.__class__ = wide[type(module)]
             count += 1
     return count
+
+
+def output_head(model):
+    """The output projection of an mlx-lm model whose logits are ``head(model.model(inputs))`` (the
+    Phi family's ``Model.__call__`` in mlx-lm 0.31); None for any other model."""
+    kind = getattr(getattr(model, "args", None), "model_type", None)
+    if kind == "phi3":
+        return model.model.embed_tokens.as_linear if model.args.tie_word_embeddings else model.lm_head
+    if kind in ("phi", "phimoe"):
+        return model.lm_head
+    return None
 
 
 class MLXRuntime:
@@ -333,7 +362,7 @@ class MLXRuntime:
             # (scales, biases, norms, embeddings) in fp32. bf16 values are exact in fp32, so the
             # dequantized weights are the file's; only activations are computed more precisely.
             self.model.set_dtype(mx.float32)
-            if wide_matmuls if wide_matmuls is not None else self.blas is not None:
+            if self.blas is not None if wide_matmuls is None else wide_matmuls:
                 self.wide_layers = dequantize_wide_matmuls(self.model)
         self.note = self._how_it_runs(mx.default_device() == mx.cpu)
 
@@ -377,18 +406,25 @@ class MLXRuntime:
 
     def window_logits(self, parts: Sequence[Sequence[int]], tokens_per_pass: int = TOKENS_PER_PASS
                       ) -> Iterator[Any]:
-        """Each window's logits (float32 numpy), several windows to a right-padded forward pass."""
+        """Each window's logits (float32 numpy), several windows to a right-padded forward pass; where
+        the output head is known (``output_head``) it runs one window at a time, so one window ×
+        vocab of logits is in memory, not the pass's."""
         import mlx.core as mx
         import numpy as np
 
+        head = output_head(self.model)
         per_pass = max(1, tokens_per_pass // max(len(w) for w in parts))
         for start in range(0, len(parts), per_pass):
             group = parts[start: start + per_pass]
-            logits = self.model(_right_padded(group)).astype(mx.float32)
-            mx.eval(logits)
-            for row, w in zip(logits, group):
-                yield np.array(row[: len(w)])
-            del logits
+            batch = _right_padded(group)
+            if head is None:
+                rows = self.model(batch).astype(mx.float32)
+            else:
+                rows = self.model.model(batch)
+            mx.eval(rows)
+            for row, w in zip(rows, group):
+                yield np.array(row[: len(w)] if head is None else head(row[None, : len(w)])[0].astype(mx.float32))
+            del rows
 
     def logits(self, ids: Sequence[int]):
         return next(self.window_logits([ids]))
