@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,16 @@ def steps(variant: Variant) -> list[ToolCost]:
     return [costs.STEPS[fmt, "convert"]]
 
 
+def intermediate_bytes(variants: Sequence[Variant], parameters: int) -> int:
+    """Disk the build of one repo's ``variants`` needs beside their outputs: its largest step's
+    intermediate, none where a GGUF set is the converter's output itself (``is_the_conversion``)."""
+    from .backends.gguf import is_the_conversion
+
+    if all(v.format == "gguf" for v in variants) and is_the_conversion(variants):
+        return 0
+    return max(s.disk(parameters) for v in variants for s in steps(v))
+
+
 DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 
 
@@ -154,7 +164,7 @@ def estimate_variant(plan: Plan, variant: Variant, parameters: int, dtype: str, 
     validation = costs.PROCESS_BYTES + reference.ram_bytes + runtime.ram_bytes
     peak, why = max((build.ram_bytes, build.what), (validation, f"validation: {reference.what} + {runtime.what}"))
     download = 0 if plan.source.is_local else _source_bytes(parameters, dtype)
-    disk = download + max(s.disk(parameters) for s in build_steps) + output
+    disk = download + intermediate_bytes([variant], parameters) + output
     return Estimate(variant.id, peak, disk, why, build, reference, runtime)
 
 
@@ -187,7 +197,7 @@ def estimate_run(plan: Plan, parameters: int, dtype: str, *, variant_ids: Iterab
     repos = [vs for vs in repos if vs]
     outputs = [sum(v.file_bytes(parameters) for v in vs) for vs in repos]
     # one intermediate per format at a time; a repo's variants stay in the workdir until it is pushed
-    intermediates = [max(s.disk(parameters) for v in vs for s in steps(v)) for vs in repos]
+    intermediates = [intermediate_bytes(vs, parameters) for vs in repos]
     disk = [DiskNeed("the working files", Path(workdir or tempfile.gettempdir()),
                      max((i + (o if staged or out_dir is None else 0) for i, o in zip(intermediates, outputs)),
                          default=0))]

@@ -92,3 +92,43 @@ def test_rerun_to_same_folder_is_up_to_date(preview, tiny_phi3):
     assert result.exit_code == 0, result.output
     assert "up to date" in result.stderr
     assert {p.name: p.stat().st_mtime_ns for p in preview.iterdir()} == before
+
+
+def _bf16_copy(source: Path, folder: Path) -> Path:
+    """The example as a bf16 release ships (Phi's dtype): the weights rounded to bf16."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    weights = load_file(source / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_f16_alone_is_the_converters_own_output(tiny_phi3, tmp_path):
+    """A fan-out job that builds only F16 from a bf16 source: the converter writes F16 directly and
+    the file is moved into place, with no BF16 intermediate beside it (phi-4: 29 GB of disk, not 58);
+    the plan's disk estimate says the same."""
+    source = _bf16_copy(tiny_phi3, tmp_path / "tiny-phi3-bf16")
+    out = tmp_path / "built"
+    run = CliRunner().invoke(main, ["build", str(source), "--recipe", "edge-gguf", "--variant", "gguf-F16",
+                                    "--out", str(out), "--workdir", str(tmp_path / "work")])
+    assert run.exit_code == 0, run.output
+    assert "to F16 GGUF" in run.stderr and "gguf-F16: the F16 conversion itself" in run.stderr
+    [gguf] = out.rglob("*.gguf")
+    reader = GGUFReader(gguf)
+    assert {t.tensor_type.name for t in reader.tensors} <= {"F16", "F32"}
+    result = json.loads((out / "build.json").read_text())["result"]
+    assert result["report"]["passed"] and result["report"]["agreement"] >= THRESHOLDS["F16"]
+    assert result["details"]["intermediate"] == "F16"
+
+    plan = CliRunner().invoke(main, ["plan", str(source), "--recipe", "edge-gguf", "--json"])
+    variants = {v["id"]: v for r in json.loads(plan.stdout)["repos"] for v in r["variants"]}
+    assert variants["gguf-F16"]["estimated_disk_bytes"] == variants["gguf-F16"]["estimated_bytes"]
+    assert variants["gguf-Q8_0"]["estimated_disk_bytes"] > variants["gguf-Q8_0"]["estimated_bytes"]

@@ -220,6 +220,8 @@ def test_plan_json_local_phi4(phi4_shaped, monkeypatch):
     q4 = variants["gguf-Q4_K_M"]
     assert q4["estimated_bytes"] == int(14_659_507_200 * 4.89 / 8)
     assert q4["estimated_disk_bytes"] == q4["estimated_bytes"] + 2 * 14_659_507_200  # + the BF16 intermediate
+    f16 = variants["gguf-F16"]  # the converter's own output, moved into place: no intermediate
+    assert f16["estimated_disk_bytes"] == f16["estimated_bytes"] == 2 * 14_659_507_200
     onnx = variants[EDGE_ONNX_CPU_INT4]
     assert 10e9 < onnx["estimated_peak_ram_bytes"] < 20e9  # its quantizer and its runtime
     assert onnx["estimated_disk_bytes"] > 4 * 14_659_507_200  # the fp32 intermediate

@@ -76,6 +76,25 @@ IMATRIX_CONTEXT = 512  # tokens per chunk: llama-imatrix's default
 GGUF_ARCHITECTURES: dict[str, str] = {"Phi3ForCausalLM": "phi3", "PhiMoEForCausalLM": "phimoe",
                                       "PhiForCausalLM": "phi2"}
 INTERMEDIATE_OUTTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
+
+
+def intermediate_type(natives: set[str], source_dtype: str | None) -> str:
+    """The converter's --outtype every variant is quantized from: F32 when a variant needs it, the
+    variants' own type when they all are one unquantized type (the conversion is then the variant
+    and no intermediate is kept), else the source's bf16, else f16."""
+    if "F32" in natives:
+        return "f32"
+    if len(natives) == 1 and (only := next(iter(natives))) in INTERMEDIATE_OUTTYPE:
+        return INTERMEDIATE_OUTTYPE[only]
+    return "bf16" if source_dtype == "bfloat16" else "f16"
+
+
+def is_the_conversion(variants: Sequence[Any]) -> bool:
+    """Whether building these GGUF variants is the converter's output alone, moved into place (one
+    unquantized type, no options): no intermediate beside the output on disk."""
+    natives = {v.native for v in variants}
+    return (len(natives) == 1 and next(iter(natives)) in INTERMEDIATE_OUTTYPE
+            and not any(v.options for v in variants))
 SMALL_MODEL_BYTES = 512 * 2**20
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
@@ -161,8 +180,7 @@ class GGUFBackend(Backend):
         return f"{slug}-imatrix" if "imatrix" in options else slug
 
     def build(self, snapshot, variants, repo_dir: Path, workdir: Path, log: Log) -> dict[str, Built]:
-        natives = {v.native for v in variants}
-        outtype = "f32" if "F32" in natives else "bf16" if config_dtype(snapshot.config) == "bfloat16" else "f16"
+        outtype = intermediate_type({v.native for v in variants}, config_dtype(snapshot.config))
         calibrations = _calibrations(variants, snapshot, log)  # before the conversion: a missing text fails fast
         intermediate = workdir / f"{snapshot.ref.model_name}-{outtype.upper()}.gguf"
         converted = self._convert(snapshot, intermediate, outtype, workdir, log)
@@ -170,14 +188,17 @@ class GGUFBackend(Backend):
                                    workdir, log)
                     for spec, text in calibrations.items()}
         built = {}
-        for v in variants:
+        # the conversion's own variants last, and the last of them takes the file itself: a job that
+        # builds only F16 never holds two 2-byte-per-parameter copies (phi-4: 29 GB, not 58)
+        itself = [v for v in variants if v.native.lower() == outtype and not v.options]
+        for v in [v for v in variants if v not in itself] + itself:
             out = repo_dir / v.path
             out.parent.mkdir(parents=True, exist_ok=True)
             spec = v.options.get("imatrix")
             matrix = matrices.get(spec)
-            if v.native.lower() == outtype and not v.options:
+            if v in itself:
                 log(f"{v.id}: the {outtype.upper()} conversion itself")
-                shutil.copyfile(intermediate, out)
+                (shutil.move if v is itself[-1] else shutil.copyfile)(intermediate, out)
                 seconds, peak = 0.0, converted.peak_rss_bytes
             elif matrix:
                 run = _quantize_with_imatrix(intermediate, out, v, matrix.path, workdir, log)
@@ -191,7 +212,7 @@ class GGUFBackend(Backend):
             files = [v.path, imatrix["imatrix"]] if matrix else [v.path]
             built[v.id] = Built(files, seconds, GGUFDetails(outtype.upper(), converted.seconds,
                                                           converted.peak_rss_bytes, peak, **imatrix))
-        return built
+        return {v.id: built[v.id] for v in variants}
 
     def _convert(self, snapshot, out: Path, outtype: str, workdir: Path, log: Log):
         conv = converter_dir(log)
