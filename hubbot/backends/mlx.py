@@ -296,10 +296,14 @@ def wide_matmul(layer, x):
         return None
     weight, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
     step = max(1, WIDE_CHUNK_BYTES // (4 * x.shape[-1]))
-    parts = [x @ mx.dequantize(weight[i: i + step], scales[i: i + step],
-                               None if biases is None else biases[i: i + step],
-                               group_size=layer.group_size, bits=layer.bits, mode=layer.mode).T
-             for i in range(0, weight.shape[0], step)]
+    parts = []
+    for i in range(0, weight.shape[0], step):
+        block = mx.dequantize(weight[i: i + step], scales[i: i + step], None if biases is None else biases[i: i + step],
+                              group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+        parts.append(x @ block.T)
+        # evaluated block by block: a lazy graph may dequantize every block before the first matmul
+        # (phi-4's lm_head: 8 × 256 MB at once, measured as a 2 GiB spike)
+        mx.eval(parts[-1])
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
