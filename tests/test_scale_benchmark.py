@@ -110,6 +110,14 @@ def test_report_renders_and_ratios(tmp_path):
     text = report.render(rows)
     assert "| gguf-Q4_K_M | 40.0 s † | 4.0 GiB |" in text and "| 4.0× | 4.0× |" in text
     assert "**FAILED** (killed by SIGKILL)" in text and "not run" in text
+    assert "mlx-4bit (hubbot) failed: killed by SIGKILL" in text  # … until a later run completes it:
+    later = {**rows[2], "wall_s": 50.0, "rc": 1, "outcome": "failed validation"}
+    refusal = {**base, "variant": "onnx-cpu-int4", "mode": "hubbot", "wall_s": 9.0, "peak_anon_bytes": 1, "rc": 2,
+               "log_tail": "$ hubbot build …\nError: preflight: needs 58.6 GB, has 48.8 GB free\nTo proceed: …"}
+    text = report.render([*rows, later, refusal])
+    assert "| mlx-4bit | 50.0 s † |" in text and "mlx-4bit (hubbot) failed" not in text
+    assert "| onnx-cpu-int4 | refused by the preflight after 9.0 s |" in text
+    assert "onnx-cpu-int4 (hubbot) refused: Error: preflight: needs 58.6 GB, has 48.8 GB free To proceed: …" in text
 
 
 def test_runner_measures_the_tree_and_survives_a_kill(tmp_path, monkeypatch):

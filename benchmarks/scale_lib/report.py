@@ -46,6 +46,11 @@ def complete(r: dict[str, Any] | None) -> bool:
         r["rc"] == 0 or r.get("outcome") == "failed validation")
 
 
+def refused(r: dict[str, Any] | None) -> bool:
+    """hubbot's exit 2 before any build: the preflight said the variant does not fit this machine."""
+    return bool(r) and r["rc"] == 2 and "Error: preflight:" in (r.get("log_tail") or "")
+
+
 def wall(r: dict[str, Any] | None) -> str:
     if r is None:
         return "not run"
@@ -54,7 +59,18 @@ def wall(r: dict[str, Any] | None) -> str:
         return text
     if complete(r):
         return text + " †"
+    if refused(r):
+        return f"refused by the preflight after {text}"
     return f"**FAILED** ({r.get('outcome') or r.get('note') or 'rc ' + str(r['rc'])}) after {text}"
+
+
+def failure_note(r: dict[str, Any]) -> str:
+    lines = (r.get("log_tail") or "").strip().splitlines()
+    if refused(r):
+        return f"- {r['variant']} ({r['mode']}) refused: " + " ".join(
+            line.strip() for line in lines if line.startswith(("Error: preflight:", "To proceed:")))[:600]
+    why = r.get("outcome") or r.get("note")
+    return f"- {r['variant']} ({r['mode']}) failed: {why}; log tail: `{' / '.join(lines[-3:])[:300]}`"
 
 
 def ratio(a: dict | None, b: dict | None, key: str) -> str:
@@ -115,10 +131,9 @@ def render(records: list[dict[str, Any]]) -> str:
            "validation (exit 1): expected with random weights, whose outputs are noise.", ""]
     for shape, rows in by_shape.items():
         out += [table(shape, rows), ""]
-        failed = [r for r in rows if not complete(r)]
-        for r in failed:
-            tail = (r.get("log_tail") or "").strip().splitlines()[-3:]
-            out.append(f"- {r['variant']} ({r['mode']}) failed: {r.get('note')}; log tail: `{' / '.join(tail)[:300]}`")
+        latest = {(r["variant"], r["mode"]): r for r in rows}  # as the table: later lines win
+        failed = [r for r in latest.values() if not complete(r)]
+        out += [failure_note(r) for r in failed]
         if failed:
             out.append("")
     return "\n".join(out).rstrip() + "\n"
