@@ -111,10 +111,10 @@ def _generate_each(runtime: Runtime, reference: Reference, log: Log, started: fl
     (``generate_all``), else one prompt at a time."""
     lengths = [len(p.continuation) or 1 for p in reference.prompts]
     if hasattr(runtime, "generate_all"):
-        with step("greedy generations (batched)", total=max(lengths) + 1, log=log) as shown:
-            def on_step(i: int) -> None:
+        with step("greedy generations (batched)", total=max(lengths), log=log) as shown:
+            def on_step(i: int) -> None:  # one decoding step for every prompt still going
                 shown.advance()
-                log(f"greedy generation step {i}/{max(lengths) + 1} ({time.monotonic() - started:.0f} s)")
+                log(f"greedy generation step {i}/{max(lengths)} ({time.monotonic() - started:.0f} s)")
             return runtime.generate_all([p.ids for p in reference.prompts], lengths, reference.stop_ids, on_step)
     generated = []
     with step("greedy generations", total=len(lengths), log=log) as shown:
