@@ -90,13 +90,14 @@ def machine_line(rows: list[dict[str, Any]]) -> str:
             f"hubbot {hub.get('commit', '?')} ({hub.get('branch', '?')}).")
 
 
+def latest_runs(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The run shown for each (variant, mode) cell: later lines win."""
+    return {(r["variant"], r["mode"]): r for r in rows}
+
+
 def table(shape: str, rows: list[dict[str, Any]]) -> str:
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    order: list[str] = []
-    for r in rows:
-        latest[(r["variant"], r["mode"])] = r  # later lines win
-        if r["variant"] not in order:
-            order.append(r["variant"])
+    latest = latest_runs(rows)
+    order = list(dict.fromkeys(r["variant"] for r in rows))
     first = rows[-1]
     lines = [f"### {shape}: {first['model']} ({size(first.get('model_bytes'))} of weights, recipe {first['recipe']})",
              "", machine_line(rows), "",
@@ -131,8 +132,7 @@ def render(records: list[dict[str, Any]]) -> str:
            "validation (exit 1): expected with random weights, whose outputs are noise.", ""]
     for shape, rows in by_shape.items():
         out += [table(shape, rows), ""]
-        latest = {(r["variant"], r["mode"]): r for r in rows}  # as the table: later lines win
-        failed = [r for r in latest.values() if not complete(r)]
+        failed = [r for r in latest_runs(rows).values() if not complete(r)]
         out += [failure_note(r) for r in failed]
         if failed:
             out.append("")
