@@ -76,25 +76,6 @@ IMATRIX_CONTEXT = 512  # tokens per chunk: llama-imatrix's default
 GGUF_ARCHITECTURES: dict[str, str] = {"Phi3ForCausalLM": "phi3", "PhiMoEForCausalLM": "phimoe",
                                       "PhiForCausalLM": "phi2"}
 INTERMEDIATE_OUTTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
-
-
-def intermediate_type(natives: set[str], source_dtype: str | None) -> str:
-    """The converter's --outtype every variant is quantized from: F32 when a variant needs it, the
-    variants' own type when they all are one unquantized type (the conversion is then the variant
-    and no intermediate is kept), else the source's bf16, else f16."""
-    if "F32" in natives:
-        return "f32"
-    if len(natives) == 1 and (only := next(iter(natives))) in INTERMEDIATE_OUTTYPE:
-        return INTERMEDIATE_OUTTYPE[only]
-    return "bf16" if source_dtype == "bfloat16" else "f16"
-
-
-def is_the_conversion(variants: Sequence[Any]) -> bool:
-    """Whether building these GGUF variants is the converter's output alone, moved into place (one
-    unquantized type, no options): no intermediate beside the output on disk."""
-    natives = {v.native for v in variants}
-    return (len(natives) == 1 and next(iter(natives)) in INTERMEDIATE_OUTTYPE
-            and not any(v.options for v in variants))
 SMALL_MODEL_BYTES = 512 * 2**20
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
@@ -138,6 +119,25 @@ params.ftype, params.nthread = int(ftype), int(nthread)
 params.pure, params.quantize_output_tensor = pure == "1", quantize_output == "1"
 sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params))
 """
+
+
+def intermediate_type(natives: set[str], source_dtype: str | None) -> str:
+    """The converter's --outtype every variant is quantized from: F32 when a variant needs it, the
+    variants' own type when they all are one unquantized type (the conversion is then the variant
+    and no intermediate is kept), else the source's bf16, else f16."""
+    if "F32" in natives:
+        return "f32"
+    if len(natives) == 1 and (only := next(iter(natives))) in INTERMEDIATE_OUTTYPE:
+        return INTERMEDIATE_OUTTYPE[only]
+    return "bf16" if source_dtype == "bfloat16" else "f16"
+
+
+def is_the_conversion(variants: Sequence[Any]) -> bool:
+    """Whether building these GGUF variants is the converter's output alone, moved into place (one
+    unquantized type, no options): no intermediate beside the output on disk."""
+    natives = {v.native for v in variants}
+    return (len(natives) == 1 and next(iter(natives)) in INTERMEDIATE_OUTTYPE
+            and not any(v.options for v in variants))
 
 
 class GGUFBackend(Backend):
