@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,6 +49,20 @@ def windows(ids: Sequence[int], prefix: Sequence[int], size: int) -> list[list[i
     body = list(ids[len(prefix):]) if list(ids[: len(prefix)]) == list(prefix) else list(ids)
     step = size - len(prefix)
     return [list(prefix) + body[i: i + step] for i in range(0, len(body), step) if body[i: i + step]]
+
+
+def window_batches(parts: Sequence[Sequence[int]], tokens_per_pass: int) -> Iterator[list[list[int]]]:
+    """``parts`` in order, in groups of about ``tokens_per_pass`` tokens: one forward pass each."""
+    per_pass = max(1, tokens_per_pass // max(len(w) for w in parts))
+    for start in range(0, len(parts), per_pass):
+        yield [list(w) for w in parts[start: start + per_pass]]
+
+
+def right_padded(sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Each sequence padded to the longest with its own last token: under causal attention the
+    padding comes after, so it never reaches the sequence's own positions."""
+    width = max(len(seq) for seq in sequences)
+    return [list(seq) + [seq[-1]] * (width - len(seq)) for seq in sequences]
 
 
 def scored_range(window: Sequence[int], prefix: Sequence[int]) -> range:

@@ -29,7 +29,7 @@ from typing import Any
 
 from . import __version__
 from .errors import UsageError
-from .metrics import SourceDistribution, source_distribution
+from .metrics import SourceDistribution, right_padded, source_distribution, window_batches
 from .paths import cache_root
 from .progress import step
 from .recipe import Prompt, ValidationSettings, stable_hash
@@ -101,12 +101,9 @@ class TransformersRuntime:
         right-padded, which under causal attention never reaches their own positions; the output
         head runs one window at a time, so only one window × vocab of logits is in memory."""
         torch = self.torch
-        per_pass = max(1, tokens_per_pass // max(len(w) for w in parts))
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        for start in range(0, len(parts), per_pass):
-            group = [list(w) for w in parts[start: start + per_pass]]
-            width = max(len(w) for w in group)
-            batch = torch.tensor([w + [w[-1]] * (width - len(w)) for w in group])
+        for group in window_batches(parts, tokens_per_pass):
+            batch = torch.tensor(right_padded(group))
             with torch.no_grad():
                 hidden = decoder(input_ids=batch).last_hidden_state
             for row, w in zip(hidden, group):

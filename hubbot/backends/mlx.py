@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
+from ..metrics import right_padded, window_batches
 from ..source import config_dtype, safetensors_tensors
 from ..toolrun import run_tool
 from .base import Backend, Built, Details, Log, Naming, NativeType, OptionError, type_table
@@ -265,23 +266,21 @@ WIDE_ROWS = 32  # from here on, dequantize + BLAS beats MLX's quantized CPU kern
 TOKENS_PER_PASS = 4096  # held-text windows batched into one forward pass, as the reference does
 
 
-_fast_blas: list[str] = []  # the library fast_blas loaded, once per process
-
-
+@functools.cache
 def fast_blas() -> str | None:
     """Load the system's OpenBLAS globally so MLX's CPU matmuls use it; its file name, or None.
+    Decided once per process, at the first call.
 
     Only works before ``mlx.core`` is first imported (the bundled reference BLAS is bound then):
     a process that imported MLX earlier keeps that one (None)."""
-    if not _fast_blas and "mlx.core" not in sys.modules and sys.platform == "linux":
-        name = ctypes.util.find_library("openblas")
-        try:
-            if name:
-                ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-                _fast_blas.append(name)
-        except OSError:
-            pass
-    return _fast_blas[0] if _fast_blas else None
+    name = ctypes.util.find_library("openblas")
+    if name is None or "mlx.core" in sys.modules or sys.platform != "linux":
+        return None
+    try:
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return None
+    return name
 
 
 WIDE_CHUNK_BYTES = 256 * 2**20  # fp32 weight rows dequantized at a time (phi-4's lm_head alone is 2 GB)
@@ -360,7 +359,8 @@ class MLXRuntime:
 
         self.model, self.tokenizer = load(str(path))
         self.wide_layers = 0
-        if mx.default_device() == mx.cpu:
+        on_cpu = mx.default_device() == mx.cpu
+        if on_cpu:
             # MLX's CPU backend runs quantized matmuls with bf16 scales ~13x slower than with fp32
             # ones (907 vs 69 ms per layer and token at 3.8B): validate with every float tensor
             # (scales, biases, norms, embeddings) in fp32. bf16 values are exact in fp32, so the
@@ -368,7 +368,7 @@ class MLXRuntime:
             self.model.set_dtype(mx.float32)
             if self.blas is not None if wide_matmuls is None else wide_matmuls:
                 self.wide_layers = dequantize_wide_matmuls(self.model)
-        self.note = self._how_it_runs(mx.default_device() == mx.cpu)
+        self.note = self._how_it_runs(on_cpu)
 
     def _how_it_runs(self, on_cpu: bool) -> str:
         if not on_cpu:
@@ -405,7 +405,7 @@ class MLXRuntime:
         the padding out of each sequence's own positions)."""
         import mlx.core as mx
 
-        predicted = mx.argmax(self.model(_right_padded(sequences)), axis=-1).tolist()
+        predicted = mx.argmax(self.model(mx.array(right_padded(sequences))), axis=-1).tolist()
         return [row[: len(seq)] for row, seq in zip(predicted, sequences)]
 
     def window_logits(self, parts: Sequence[Sequence[int]], tokens_per_pass: int = TOKENS_PER_PASS
@@ -417,18 +417,13 @@ class MLXRuntime:
         import numpy as np
 
         head = output_head(self.model)
-        per_pass = max(1, tokens_per_pass // max(len(w) for w in parts))
-        for start in range(0, len(parts), per_pass):
-            group = parts[start: start + per_pass]
-            batch = _right_padded(group)
-            if head is None:
-                rows = self.model(batch).astype(mx.float32)
-            else:
-                rows = self.model.model(batch)
-            mx.eval(rows)
-            for row, w in zip(rows, group):
-                yield np.array(row[: len(w)] if head is None else head(row[None, : len(w)])[0].astype(mx.float32))
-            del rows
+        body, head = (self.model, lambda h: h) if head is None else (self.model.model, head)
+        for group in window_batches(parts, tokens_per_pass):
+            hidden = body(mx.array(right_padded(group)))
+            mx.eval(hidden)
+            for row, w in zip(hidden, group):
+                yield np.array(head(row[None, : len(w)])[0].astype(mx.float32))
+            del hidden
 
     def logits(self, ids: Sequence[int]):
         return next(self.window_logits([ids]))
@@ -476,10 +471,3 @@ class MLXRuntime:
 
         del self.model
         mx.clear_cache()
-
-
-def _right_padded(sequences: Sequence[Sequence[int]]):
-    import mlx.core as mx
-
-    width = max(len(seq) for seq in sequences)
-    return mx.array([list(seq) + [seq[-1]] * (width - len(seq)) for seq in sequences])
