@@ -132,3 +132,47 @@ def test_f16_alone_is_the_converters_own_output(tiny_phi3, tmp_path):
     variants = {v["id"]: v for r in json.loads(plan.stdout)["repos"] for v in r["variants"]}
     assert variants["gguf-F16"]["estimated_disk_bytes"] == variants["gguf-F16"]["estimated_bytes"]
     assert variants["gguf-Q8_0"]["estimated_disk_bytes"] > variants["gguf-Q8_0"]["estimated_bytes"]
+
+
+def test_batched_passes_equal_llama_cpp_python_one_sequence_at_a_time(preview, tiny_phi3):
+    """The runtime runs several sequences to a forward pass in a llama.cpp context of its own (an
+    out-of-core model is read once per pass); each sequence must get exactly what llama-cpp-python's
+    own Llama gives it alone: the logits at every position, and its greedy continuation."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from hubbot.backends.gguf import LlamaCppRuntime
+
+    path = preview / f"{tiny_phi3.name}-Q4_K_M.gguf"
+    texts = ["Count: 1, 2, 3, 4, 5,", "The capital of France is", "def add(a, b):\n    return", "Hi"]
+    alone = Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, n_threads=1, seed=0)
+
+    def logits_alone(ids):
+        alone.reset()
+        alone.eval(list(ids))
+        return np.array(alone.scores[: len(ids)], dtype=np.float32)
+
+    def greedy_alone(ids, n, stop):
+        out = []
+        logits = logits_alone(ids)[-1]
+        while len(out) < n and (not out or out[-1] not in stop):
+            out.append(int(logits.argmax()))
+            logits = logits_alone(list(ids) + out)[-1]
+        return out
+
+    for tokens_per_pass in (2048, 8):  # all in one pass; one sequence to a pass
+        runtime = LlamaCppRuntime(path, tokens_per_pass=tokens_per_pass)
+        sequences = [runtime.tokenize(t) for t in texts]
+        batched = list(runtime.window_logits(sequences))
+        assert [b.shape[0] for b in batched] == [len(s) for s in sequences]
+        for got, ids in zip(batched, sequences):
+            np.testing.assert_allclose(got, logits_alone(ids), atol=1e-4)
+        assert runtime.top1_all(sequences) == [logits_alone(s).argmax(-1).tolist() for s in sequences]
+        stop, lengths = runtime.stop_ids(), [16, 5, 16, 1]
+        steps = []
+        generated = runtime.generate_all(sequences, lengths, stop, steps.append)
+        assert generated == [greedy_alone(s, n, stop) for s, n in zip(sequences, lengths)]
+        assert steps == list(range(1, max(map(len, generated)) + 1))
+        assert runtime.generate(sequences[0], 16, stop) == generated[0]
+        runtime.close()
+    alone.close()

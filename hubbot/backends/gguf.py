@@ -20,13 +20,14 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..calibration import calibration_file, parse_calibration
 from ..errors import BuildError
+from ..metrics import window_batches
 from ..paths import cache_root
 from ..sdist import fetch_sdist_files
 from ..source import chat_template, config_dtype
@@ -77,6 +78,9 @@ GGUF_ARCHITECTURES: dict[str, str] = {"Phi3ForCausalLM": "phi3", "PhiMoEForCausa
                                       "PhiForCausalLM": "phi2"}
 INTERMEDIATE_OUTTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 SMALL_MODEL_BYTES = 512 * 2**20
+# held-text windows (and prompts) run together in one forward pass of a runtime: 4 windows of 512
+TOKENS_PER_PASS = 2048
+MAX_SEQUENCES = 64  # per llama.cpp context (its own limit, LLAMA_MAX_SEQ, is 256)
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
@@ -303,7 +307,8 @@ def _quantize_with_imatrix(src: Path, dst: Path, variant, matrix: Path, workdir:
 
 
 def _threads(model: Path) -> int:
-    # as in LlamaCppRuntime: on a small model llama.cpp's spinning workers are slower than one
+    # on a small model llama.cpp's spinning worker threads are slower than one (measured: 0.4 ms vs
+    # 245 ms a token on 2 cores)
     return 1 if model.stat().st_size < SMALL_MODEL_BYTES else os.cpu_count() or 1
 
 
@@ -360,16 +365,20 @@ def inspect_gguf(path: Path, snapshot, native: str) -> dict[str, Any]:
 
 
 class LlamaCppRuntime:
-    """A GGUF file loaded in llama-cpp-python, driven token by token."""
+    """A GGUF file loaded in llama-cpp-python. Forward passes run in llama.cpp contexts of their own,
+    several sequences to one pass (``top1_all``, ``window_logits``, ``generate_all``): a model too big
+    for the page cache (phi-4's 29 GB F16 on a 24 GB machine) is read from disk once per pass, so a
+    pass per prompt and per generated token would cost hours, where one per decoding step of all the
+    prompts together costs minutes."""
 
-    def __init__(self, path: Path, n_ctx: int = 1024):
+    def __init__(self, path: Path, tokens_per_pass: int = TOKENS_PER_PASS):
         from llama_cpp import Llama
 
-        # llama.cpp's worker threads spin while they wait: on a small model, or a busy machine,
-        # more threads are far slower than one (measured: 0.4 ms vs 245 ms a token on 2 cores).
-        threads = 1 if path.stat().st_size < SMALL_MODEL_BYTES else os.cpu_count() or 1
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                         n_threads=threads, n_threads_batch=threads, seed=0)
+        self.threads = _threads(path)
+        self.tokens_per_pass = tokens_per_pass
+        # the Llama object tokenizes and holds the (mmap'd) weights; its own context runs nothing
+        self.llm = Llama(model_path=str(path), n_ctx=256, n_batch=1, n_ubatch=1, verbose=False,
+                         n_threads=1, n_threads_batch=1, seed=0)
 
     def tokenize(self, text: str) -> list[int]:
         # add_bos=True means "add the model's special tokens": llama.cpp adds BOS only when
@@ -388,28 +397,114 @@ class LlamaCppRuntime:
         return {i for i in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)}
 
     def top1(self, ids: Sequence[int]) -> list[int]:
-        return [int(i) for i in self.logits(ids).argmax(-1)]
+        return self.top1_all([ids])[0]
+
+    def top1_all(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+        """``top1`` of every sequence, several sequences to a forward pass."""
+        return [[int(i) for i in logits.argmax(-1)] for logits in self.window_logits(sequences)]
 
     def logits(self, ids: Sequence[int]):
+        [logits] = self.window_logits([ids])
+        return logits
+
+    def window_logits(self, parts: Sequence[Sequence[int]]) -> Iterator[Any]:
+        """Each part's logits at every position (float32 numpy), about ``tokens_per_pass`` tokens of
+        parts to one forward pass; one part × vocabulary is copied out at a time."""
         import numpy as np
 
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+        groups = (g[i: i + MAX_SEQUENCES] for g in window_batches(parts, self.tokens_per_pass)
+                  for i in range(0, len(g), MAX_SEQUENCES))
+        for group in groups:
+            n = sum(len(p) for p in group)
+            with _Context(self.llm, n, len(group), self.threads) as ctx:
+                ctx.decode([(t, pos, seq, True) for seq, p in enumerate(group) for pos, t in enumerate(p)])
+                start = 0
+                for p in group:
+                    yield np.array(ctx.logits(start, len(p)))
+                    start += len(p)
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
-        import numpy as np
+        return self.generate_all([ids], [max_new_tokens], stop_ids)[0]
 
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            out.append(token)
-            if token in stop_ids:
-                break
-            self.llm.eval([token])
+    def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+                     stop_ids: Sequence[int] = (), on_step: Callable[[int], None] = lambda n: None
+                     ) -> list[list[int]]:
+        """Greedy ``generate`` of every prompt (``max_new_tokens`` each), in one context: one pass
+        prefills every prompt, then each pass decodes the next token of every prompt still going.
+        ``on_step(n)`` follows the n-th token."""
+        if len(prompts) > MAX_SEQUENCES:
+            return [g for i in range(0, len(prompts), MAX_SEQUENCES)
+                    for g in self.generate_all(prompts[i: i + MAX_SEQUENCES], max_new_tokens[i: i + MAX_SEQUENCES],
+                                               stop_ids, on_step)]
+        out: list[list[int]] = [[] for _ in prompts]
+        limits = [max(1, n) for n in max_new_tokens]
+        capacity = sum(len(p) + n for p, n in zip(prompts, limits))
+        with _Context(self.llm, capacity, len(prompts), self.threads,
+                      batch=max(sum(map(len, prompts)), len(prompts))) as ctx:
+            ctx.decode([(t, pos, seq, pos == len(p) - 1) for seq, p in enumerate(prompts) for pos, t in enumerate(p)])
+            going = list(range(len(prompts)))
+            step = 0
+            while going:
+                logits = ctx.logits(0, len(going))
+                for row, seq in enumerate(going):
+                    out[seq].append(int(logits[row].argmax()))
+                step += 1
+                on_step(step)
+                going = [s for s in going if out[s][-1] not in stop_ids and len(out[s]) < limits[s]]
+                if going:
+                    ctx.decode([(out[s][-1], len(prompts[s]) + len(out[s]) - 1, s, True) for s in going])
         return out
 
     def close(self) -> None:
         self.llm.close()
+
+
+class _Context:
+    """A llama.cpp context of its own on a loaded model: ``sequences`` sequences (own KV cells each,
+    in one unified cache of ``tokens`` cells), and up to ``batch`` tokens (default: all) decoded in
+    one physical batch, so one ``decode`` reads the weights once."""
+
+    def __init__(self, llm, tokens: int, sequences: int, threads: int, batch: int | None = None):
+        import llama_cpp
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = tokens
+        params.n_batch = params.n_ubatch = batch or tokens
+        params.n_seq_max = sequences
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        # as llama-cpp-python's Llama runs by default: flash attention rounds q to f16 on the CPU
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._api, self._n_vocab = llama_cpp, llm.n_vocab()
+        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if self.ctx is None:
+            raise RuntimeError(f"llama.cpp could not make a context of {tokens} tokens for {sequences} sequence(s)")
+
+    def __enter__(self) -> _Context:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._api.llama_free(self.ctx)
+
+    def decode(self, rows: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One forward pass over (token, position, sequence, wants logits) rows."""
+        api = self._api
+        batch = api.llama_batch_init(len(rows), 0, 1)
+        try:
+            for i, (token, pos, seq, wanted) in enumerate(rows):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, wanted
+                batch.seq_id[i][0] = seq
+            batch.n_tokens = len(rows)
+            if (rc := api.llama_decode(self.ctx, batch)) != 0:
+                raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {len(rows)} tokens")
+        finally:
+            api.llama_batch_free(batch)
+
+    def logits(self, start: int, count: int):
+        """The last decode's logits for its outputs ``start`` … ``start + count - 1``, in batch order
+        (a view into llama.cpp's buffer, valid until the next decode)."""
+        import numpy as np
+
+        rows = self._api.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(rows, shape=(start + count, self._n_vocab))[start:]
