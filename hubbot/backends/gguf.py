@@ -466,6 +466,7 @@ class _Context:
 
     def __init__(self, llm, tokens: int, sequences: int, threads: int, batch: int | None = None):
         import llama_cpp
+        from llama_cpp._internals import LlamaContext
 
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = tokens
@@ -477,15 +478,16 @@ class _Context:
         # as llama-cpp-python's Llama runs by default: flash attention rounds q to f16 on the CPU
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._api, self._n_vocab = llama_cpp, llm.n_vocab()
-        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
-        if self.ctx is None:
-            raise RuntimeError(f"llama.cpp could not make a context of {tokens} tokens for {sequences} sequence(s)")
+        # llama-cpp-python's own wrapper frees the context once, and before its model, even when a
+        # generator holding it is collected after the runtime was closed
+        self._owner = LlamaContext(model=llm._model, params=params, verbose=False)
+        self.ctx = self._owner.ctx
 
     def __enter__(self) -> _Context:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._api.llama_free(self.ctx)
+        self._owner.close()
 
     def decode(self, rows: Sequence[tuple[int, int, int, bool]]) -> None:
         """One forward pass over (token, position, sequence, wants logits) rows."""
