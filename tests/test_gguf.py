@@ -162,7 +162,7 @@ def test_batched_passes_equal_llama_cpp_python_one_sequence_at_a_time(preview, t
             logits = logits_alone(list(ids) + out)[-1]
         return out
 
-    for tokens_per_pass in (2048, 8):  # all in one pass; one sequence to a pass
+    for tokens_per_pass in (512, 8):  # all in one pass (the default); one sequence to a pass
         runtime = LlamaCppRuntime(path, tokens_per_pass=tokens_per_pass)
         sequences = [runtime.tokenize(t) for t in texts]
         batched = list(runtime.window_logits(sequences))
