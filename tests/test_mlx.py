@@ -307,3 +307,38 @@ def test_publish_to_hub_one_commit_per_repo(hub_env, tiny_phi3, int4_int8):
     for quant in THRESHOLDS:
         commits = hub_env.commits(f"{USER}/Phi-3-tiny-test-{quant}")
         assert len([c for c in commits if c.title.startswith("hubbot:")]) == 1
+
+
+@pytest.mark.parametrize("module, args", [
+    ("phi3", {"model_type": "phi3", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "vocab_size": 96}),
+    ("phi", {"model_type": "phi", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 96, "partial_rotary_factor": 0.5}),
+    ("phimoe", {"model_type": "phimoe", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+                "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 96, "rms_norm_eps": 1e-5,
+                "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 4096,
+                "original_max_position_embeddings": 4096,
+                "rope_scaling": {"short_factor": [1.0] * 8, "long_factor": [1.0] * 8, "short_mscale": 1.0,
+                                 "long_mscale": 1.0}}),
+])
+def test_held_text_windows_are_the_models_own_logits_for_every_phi_architecture(module, args):
+    """Held-text windows run the body in one padded pass and the output head a window at a time;
+    for each Phi architecture mlx-lm has (Phi-2's inner model takes no default cache) that must be
+    the model's own forward pass of each window alone."""
+    import importlib
+
+    import mlx.core as mx
+    import numpy as np
+
+    from hubbot.backends.mlx import MLXRuntime, output_head
+
+    models = importlib.import_module(f"mlx_lm.models.{module}")
+    mx.random.seed(0)
+    model = models.Model(models.ModelArgs.from_dict(args))
+    assert output_head(model) is not None  # the body + head path, not the whole-model fallback
+    runtime = MLXRuntime.__new__(MLXRuntime)  # the loaded model alone: no converted folder needed
+    runtime.model = model
+    windows = [[1, 5, 9, 13, 2, 7], [3, 4], [8, 8, 8, 8, 1]]
+    for got, w in zip(runtime.window_logits(windows), windows, strict=True):
+        alone = np.array(model(mx.array([w]))[0].astype(mx.float32))
+        np.testing.assert_allclose(got, alone, atol=1e-4)

@@ -419,7 +419,7 @@ class MLXRuntime:
         head = output_head(self.model)
         body, head = (self.model, lambda h: h) if head is None else (self.model.model, head)
         for group in window_batches(parts, tokens_per_pass):
-            hidden = body(mx.array(right_padded(group)))
+            hidden = body(mx.array(right_padded(group)), cache=None)  # phi's inner model has no default
             mx.eval(hidden)
             for row, w in zip(hidden, group):
                 yield np.array(head(row[None, : len(w)])[0].astype(mx.float32))
