@@ -67,8 +67,9 @@ def wall(r: dict[str, Any] | None) -> str:
 def failure_note(r: dict[str, Any]) -> str:
     lines = (r.get("log_tail") or "").strip().splitlines()
     if refused(r):
+        said = ("Error: preflight:", "preflight:", f"{r['variant']}:", "To proceed:")  # what and why, not the rest
         return f"- {r['variant']} ({r['mode']}) refused: " + " ".join(
-            line.strip() for line in lines if line.startswith(("Error: preflight:", "To proceed:")))[:600]
+            line.strip() for line in lines if line.strip().startswith(said))[:800]
     why = r.get("outcome") or r.get("note")
     return f"- {r['variant']} ({r['mode']}) failed: {why}; log tail: `{' / '.join(lines[-3:])[:300]}`"
 
