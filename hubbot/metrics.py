@@ -51,9 +51,12 @@ def windows(ids: Sequence[int], prefix: Sequence[int], size: int) -> list[list[i
     return [list(prefix) + body[i: i + step] for i in range(0, len(body), step) if body[i: i + step]]
 
 
-def window_batches(parts: Sequence[Sequence[int]], tokens_per_pass: int) -> Iterator[list[list[int]]]:
-    """``parts`` in order, in groups of about ``tokens_per_pass`` tokens: one forward pass each."""
+def window_batches(parts: Sequence[Sequence[int]], tokens_per_pass: int,
+                   most: int | None = None) -> Iterator[list[list[int]]]:
+    """``parts`` in order, in groups of about ``tokens_per_pass`` tokens (and at most ``most`` parts):
+    one forward pass each."""
     per_pass = max(1, tokens_per_pass // max(len(w) for w in parts))
+    per_pass = min(per_pass, most) if most else per_pass
     for start in range(0, len(parts), per_pass):
         yield [list(w) for w in parts[start: start + per_pass]]
 

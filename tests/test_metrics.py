@@ -21,6 +21,7 @@ from hubbot.metrics import (
     log_softmax,
     scored_range,
     source_distribution,
+    window_batches,
     windows,
 )
 from hubbot.recipe import load_family
@@ -164,3 +165,11 @@ def test_stored_kld_is_close_to_exact(tiny_phi3):
     assert 0 < stored.mean_kld <= exact.mean() * 1.001  # a lower bound (rounded to 4 digits) …
     assert stored.mean_kld >= exact.mean() * 0.99  # … within 1%
     assert abs(stored.p99_kld - np.percentile(exact, 99)) <= 0.01 * np.percentile(exact, 99)
+
+
+def test_window_batches_keep_order_and_bound_tokens_and_parts():
+    parts = [[1] * 100, [2] * 30, [3] * 100, [4] * 5, [5] * 100]
+    assert [len(g) for g in window_batches(parts, 512)] == [5]
+    assert [len(g) for g in window_batches(parts, 200)] == [2, 2, 1]  # 200 tokens // the longest part
+    assert [len(g) for g in window_batches(parts, 512, most=2)] == [2, 2, 1]  # a runtime's sequence limit
+    assert [p for g in window_batches(parts, 512, most=2) for p in g] == parts

@@ -33,7 +33,6 @@ class ToolCost:
     disk_bytes_per_param: float = 0.0
 
     def ram(self, parameters: int) -> int:
-        # a fixed part below zero: a line fitted between two measured sizes, not through zero
         return max(0, int(parameters * self.ram_bytes_per_param + self.ram_fixed_bytes))
 
     def disk(self, parameters: int) -> int:

@@ -414,9 +414,7 @@ class LlamaCppRuntime:
         parts to one forward pass; one part × vocabulary is copied out at a time."""
         import numpy as np
 
-        groups = (g[i: i + MAX_SEQUENCES] for g in window_batches(parts, self.tokens_per_pass)
-                  for i in range(0, len(g), MAX_SEQUENCES))
-        for group in groups:
+        for group in window_batches(parts, self.tokens_per_pass, most=MAX_SEQUENCES):
             n = sum(len(p) for p in group)
             with _Context(self.llm, n, len(group), self.threads) as ctx:
                 ctx.decode([(t, pos, seq, True) for seq, p in enumerate(group) for pos, t in enumerate(p)])
